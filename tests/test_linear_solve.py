@@ -1,0 +1,111 @@
+"""Both conjugate-gradient solvers against `np.linalg.solve` on seeded systems."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_imaml import linear_solve
+from tf_imaml import tree
+
+SOLVERS = [linear_solve.solve_cg, linear_solve.solve_cg_tf]
+
+
+def _system(seed=0, num_tasks=3, sizes=(2, 5), indefinite_task=None):
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    m = rng.normal(size=(num_tasks, n, n))
+    a = m @ m.transpose(0, 2, 1) + 0.5 * np.eye(n)
+    if indefinite_task is not None:
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        eig = np.linspace(-1.0, 3.0, n)
+        a[indefinite_task] = q @ np.diag(eig) @ q.T
+    b = [tf.constant(rng.normal(size=(num_tasks, s))) for s in sizes]
+    a_t = tf.constant(a)
+
+    def matvec(v):
+        return tree.unflatten_tasks(tf.einsum("tij,tj->ti", a_t, tree.flatten_tasks(v)), v)
+
+    return a, b, matvec
+
+
+def _solution(a, b):
+    return np.linalg.solve(a, np.concatenate([x.numpy() for x in b], axis=1)[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solves_spd_systems(solver, run):
+    a, b, matvec = _system()
+    result = run(lambda: solver(matvec, b, tol=1e-12, max_iter=50))
+    x = tree.flatten_tasks(result.solution).numpy()
+    # Oracle: dense LU solve. Condition numbers here are < 1e4, so 1e-9 leaves room.
+    np.testing.assert_allclose(x, _solution(a, b), rtol=1e-9, atol=1e-10)
+    assert not result.failed.numpy().any()
+    assert (result.relative_residual.numpy() < 1e-12).all()
+    # The reported (recursive) residual agrees with the true one ||b - A x|| / ||b||.
+    flat_b = np.concatenate([v.numpy() for v in b], axis=1)
+    true = np.linalg.norm(flat_b - np.einsum("tij,tj->ti", a, x), axis=1)
+    np.testing.assert_allclose(result.relative_residual.numpy(),
+                               true / np.linalg.norm(flat_b, axis=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_indefinite_system_is_failed_not_answered(solver, run):
+    a, b, matvec = _system(seed=4, indefinite_task=1)
+    result = run(lambda: solver(matvec, b, tol=1e-12, max_iter=50))
+    assert result.failed.numpy().tolist() == [False, True, False]
+    assert result.negative_curvature.numpy().tolist() == [False, True, False]
+    # The other tasks are still solved exactly (dense oracle as above).
+    x = tree.flatten_tasks(result.solution).numpy()
+    np.testing.assert_allclose(x[[0, 2]], _solution(a, b)[[0, 2]], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_too_few_iterations_is_failed_by_residual(solver):
+    a, b, matvec = _system(seed=5)
+    result = solver(matvec, b, tol=1e-12, max_iter=2, max_residual=1e-3)
+    assert result.failed.numpy().all()
+    assert not result.negative_curvature.numpy().any()
+    assert (result.relative_residual.numpy() > 1e-3).all()
+    assert (result.num_iterations.numpy() == 2).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_non_finite_rhs_is_failed(solver):
+    a, b, matvec = _system(seed=6)
+    b = [tf.tensor_scatter_nd_update(b[0], [[2, 1]], tf.constant([np.inf], tf.float64)), b[1]]
+    result = solver(matvec, b, tol=1e-12, max_iter=20)
+    assert result.failed.numpy().tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_initial_guess_is_used(solver):
+    a, b, matvec = _system(seed=7)
+    exact = _solution(a, b)
+    x0 = tree.unflatten_tasks(tf.constant(exact), b)
+    result = solver(matvec, b, x0=x0, tol=1e-8, max_iter=20)
+    # Starting at the dense solution, at most one iteration is needed.
+    assert result.num_iterations.numpy().max() <= 1
+    np.testing.assert_allclose(tree.flatten_tasks(result.solution).numpy(), exact, rtol=1e-9)
+
+
+def test_our_cg_stops_converged_tasks_early():
+    a, b, matvec = _system(seed=8)
+    # Task 0 gets the identity: one iteration solves it, the others need more.
+    a[0] = np.eye(a.shape[-1])
+    a_t = tf.constant(a)
+
+    def matvec(v):
+        return tree.unflatten_tasks(tf.einsum("tij,tj->ti", a_t, tree.flatten_tasks(v)), v)
+
+    result = linear_solve.solve_cg(matvec, b, tol=1e-12, max_iter=50)
+    iterations = result.num_iterations.numpy()
+    assert iterations[0] == 1 and iterations[1] > 1
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_bad_options_raise(solver):
+    _, b, matvec = _system()
+    with pytest.raises(ValueError, match="max_iter must be >= 0"):
+        solver(matvec, b, max_iter=-1)
+    with pytest.raises(ValueError, match="b and x0 do not match"):
+        solver(matvec, b, x0=[b[0]])

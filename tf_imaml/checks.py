@@ -1,0 +1,60 @@
+"""Argument checks shared by the functional core.
+
+Python numbers and eager tensors are checked at once and raise `ValueError`. Inside a
+`tf.function` a value known only when the graph runs cannot raise a Python exception; there
+the check becomes a `tf.debugging` assertion (an `InvalidArgumentError` when it runs).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import tensorflow as tf
+
+
+def _static_value(value):
+    if isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, tf.Tensor) and not tf.is_symbolic_tensor(value):
+        return value.numpy()
+    return tf.get_static_value(value)
+
+
+def check_positive(name: str, value) -> None:
+    """Raises `ValueError` unless `value > 0` (a graph assertion when not known yet)."""
+    static = _static_value(value)
+    if static is None:
+        tf.debugging.assert_positive(value, message=f"{name} must be > 0")
+        return
+    if not static > 0:
+        raise ValueError(f"{name} must be > 0, got {static}")
+
+
+def check_non_negative(name: str, value) -> None:
+    """Raises `ValueError` unless `value >= 0` (a graph assertion when not known yet)."""
+    static = _static_value(value)
+    if static is None:
+        tf.debugging.assert_non_negative(value, message=f"{name} must be >= 0")
+        return
+    if not static >= 0:
+        raise ValueError(f"{name} must be >= 0, got {static}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Raises `ValueError` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_finite_per_task(name: str, values: tf.Tensor) -> None:
+    """Raises `ValueError` naming the tasks whose `values` are not finite (eager only).
+
+    In a graph nothing is raised: the core reports non-finite values through its results'
+    `failed` flags instead, so that one bad task does not stop a whole meta-batch.
+    """
+    if tf.is_symbolic_tensor(values) or not tf.executing_eagerly():
+        return
+    finite = tf.math.is_finite(values).numpy()
+    if not finite.all():
+        bad = [int(i) for i in (~finite).nonzero()[0]]
+        raise ValueError(f"{name} is not finite for task(s) {bad}: {values.numpy()[bad]}")
