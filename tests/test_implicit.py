@@ -31,9 +31,13 @@ def _ridge_meta_grad_via_tape(tasks, theta, solver, run):
         with tf.GradientTape() as tape:
             tape.watch(meta_params)
             adapted, _ = implicit.proximal_adapt(
-                support_loss, meta_params, lam=LAM, num_steps=1500,
+                support_loss,
+                meta_params,
+                lam=LAM,
+                num_steps=1500,
                 optimizer=inner_solvers.gradient_descent(0.05),
-                linear_solver=solver, max_iter=theta.shape[0],
+                linear_solver=solver,
+                max_iter=theta.shape[0],
             )
             total = tf.reduce_sum(query_loss(adapted))
         return tape.gradient(total, meta_params)[0]
@@ -45,9 +49,7 @@ def _ridge_meta_grad_via_tape(tasks, theta, solver, run):
 def test_custom_gradient_op_matches_ridge_closed_form(solver, run):
     tasks, theta = _ridge()
     got = _ridge_meta_grad_via_tape(tasks, theta, solver, run).numpy()
-    want = problems.ridge_meta_gradient(
-        tasks, np.broadcast_to(theta.numpy(), (3, 4)), LAM
-    )
+    want = problems.ridge_meta_gradient(tasks, np.broadcast_to(theta.numpy(), (3, 4)), LAM)
     # Oracle: lam (H + lam I)^-1 grad L_query(phi*), all closed form. The inner loop has
     # converged to rounding and CG with d = 4 iterations is exact on a 4x4 system.
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -57,16 +59,21 @@ def test_custom_gradient_op_matches_ridge_closed_form(solver, run):
 def test_implicit_meta_gradient_function_at_exact_solution(solver, run):
     tasks, theta = _ridge(seed=3, num_tasks=4, dim=6)
     thetas = np.broadcast_to(theta.numpy(), (4, 6))
-    phi = [tf.constant(problems.ridge_proximal_solution(
-        tasks.support_x, tasks.support_y, thetas, LAM))]
+    phi = [
+        tf.constant(problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
+    ]
     support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
     query_loss = problems.ridge_loss_fn(tasks.query_x, tasks.query_y)
     _, v = problems_value_and_grad(query_loss, phi)
-    result = run(lambda: implicit.implicit_meta_gradient(
-        support_loss, phi, v, lam=LAM, linear_solver=solver, max_iter=6))
+    result = run(
+        lambda: implicit.implicit_meta_gradient(
+            support_loss, phi, v, lam=LAM, linear_solver=solver, max_iter=6
+        )
+    )
     # Same closed-form oracle, with phi* given exactly: only CG's rounding remains.
-    np.testing.assert_allclose(result.meta_grads[0].numpy(),
-                               problems.ridge_meta_gradient(tasks, thetas, LAM), rtol=1e-9)
+    np.testing.assert_allclose(
+        result.meta_grads[0].numpy(), problems.ridge_meta_gradient(tasks, thetas, LAM), rtol=1e-9
+    )
     assert not result.solve.failed.numpy().any()
     assert (result.solve.relative_residual.numpy() < 1e-10).all()
 
@@ -79,9 +86,7 @@ def problems_value_and_grad(loss_fn, params):
 
 
 def _tanh_setup(num_tasks=2):
-    tasks = problems.linear_tasks(
-        num_tasks=num_tasks, num_support=8, num_query=8, dim=2, seed=11
-    )
+    tasks = problems.linear_tasks(num_tasks=num_tasks, num_support=8, num_query=8, dim=2, seed=11)
     params = problems.tanh_mlp_init(num_tasks=num_tasks, dim=2, hidden=3, seed=12)
     support_loss = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
     query_loss = problems.tanh_mlp_loss_fn(tasks.query_x, tasks.query_y)
@@ -96,9 +101,14 @@ def _implicit_grad(params, support_loss, query_loss, lam, num_steps):
         with tf.GradientTape() as tape:
             tape.watch(params)
             adapted, inner = implicit.proximal_adapt(
-                support_loss, params, lam=lam, num_steps=num_steps,
+                support_loss,
+                params,
+                lam=lam,
+                num_steps=num_steps,
                 optimizer=inner_solvers.gradient_descent(0.1),
-                linear_solver=linear_solve.solve_cg, max_iter=3 * num_params, tol=1e-14,
+                linear_solver=linear_solve.solve_cg,
+                max_iter=3 * num_params,
+                tol=1e-14,
             )
             total = tf.reduce_sum(query_loss(adapted))
         return tape.gradient(total, params), inner
@@ -112,9 +122,11 @@ def test_matches_finite_differences_on_tanh_network():
     grads, inner = _implicit_grad(params, support_loss, query_loss, lam, 4000)
     assert (inner.grad_norm.numpy() < 1e-12).all()
 
-    solve = tf.function(lambda p: inner_solvers.minimize_proximal(
-        support_loss, p, lam=lam, num_steps=4000,
-        optimizer=inner_solvers.gradient_descent(0.1)).adapted_params)
+    solve = tf.function(
+        lambda p: inner_solvers.minimize_proximal(
+            support_loss, p, lam=lam, num_steps=4000, optimizer=inner_solvers.gradient_descent(0.1)
+        ).adapted_params
+    )
 
     def meta_objective(p):
         return query_loss(solve(p)).numpy()
@@ -198,17 +210,18 @@ def test_failure_policy_on_indefinite_system(on_failure):
 def test_damping_matches_its_closed_form():
     tasks, theta = _ridge(seed=9)
     thetas = np.broadcast_to(theta.numpy(), (3, 4))
-    phi = [tf.constant(problems.ridge_proximal_solution(
-        tasks.support_x, tasks.support_y, thetas, LAM))]
+    phi = [
+        tf.constant(problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
+    ]
     v = [tf.constant(np.ones((3, 4)))]
     support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
-    result = implicit.implicit_meta_gradient(support_loss, phi, v, lam=LAM, damping=0.3,
-                                             max_iter=4)
+    result = implicit.implicit_meta_gradient(support_loss, phi, v, lam=LAM, damping=0.3, max_iter=4)
     h = problems.ridge_hessian(tasks.support_x)
     a = 1.3 * np.eye(4) + h / LAM
     # Oracle: dense solve of ((1 + damping) I + H / lam) g = v.
-    np.testing.assert_allclose(result.meta_grads[0].numpy(),
-                               np.linalg.solve(a, v[0].numpy()[..., None])[..., 0], rtol=1e-9)
+    np.testing.assert_allclose(
+        result.meta_grads[0].numpy(), np.linalg.solve(a, v[0].numpy()[..., None])[..., 0], rtol=1e-9
+    )
 
 
 def test_bad_input_raises():
@@ -216,8 +229,7 @@ def test_bad_input_raises():
     support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
     phi = [tf.zeros([3, 4], tf.float64)]
     with pytest.raises(ValueError, match="adapted_params and query_grads do not match"):
-        implicit.implicit_meta_gradient(support_loss, phi, [tf.zeros([3, 5], tf.float64)],
-                                        lam=1.0)
+        implicit.implicit_meta_gradient(support_loss, phi, [tf.zeros([3, 5], tf.float64)], lam=1.0)
     with pytest.raises(ValueError, match="lam must be > 0"):
         implicit.implicit_meta_gradient(support_loss, phi, phi, lam=0.0)
     with pytest.raises(ValueError, match="on_failure"):

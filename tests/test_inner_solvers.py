@@ -41,8 +41,9 @@ def test_converges_to_closed_form(optimizer, run):
     np.testing.assert_allclose(result.adapted_params[0].numpy(), exact, atol=1e-8)
     assert (result.grad_norm.numpy() < 1e-7).all()
     # The loss at the end is the loss at phi*, up to the parameter error above (< 1e-8).
-    np.testing.assert_allclose(result.support_loss.numpy(),
-                               loss_fn([tf.constant(exact)]).numpy(), rtol=1e-7)
+    np.testing.assert_allclose(
+        result.support_loss.numpy(), loss_fn([tf.constant(exact)]).numpy(), rtol=1e-7
+    )
 
 
 def test_one_gd_step_by_hand():
@@ -55,8 +56,9 @@ def test_one_gd_step_by_hand():
         loss = tf.reduce_sum(loss_fn(theta))
     grad = tape.gradient(loss, theta)[0]
     # Oracle: phi_1 = theta - lr * grad L(theta) (the proximal term's gradient is 0 there).
-    np.testing.assert_allclose(result.adapted_params[0].numpy(),
-                               (theta[0] - 0.1 * grad).numpy(), rtol=1e-14)
+    np.testing.assert_allclose(
+        result.adapted_params[0].numpy(), (theta[0] - 0.1 * grad).numpy(), rtol=1e-14
+    )
 
 
 def test_step_count_is_a_tensor_and_does_not_retrace():
@@ -67,7 +69,10 @@ def test_step_count_is_a_tensor_and_does_not_retrace():
     def solve(num_steps):
         traces.append(1)
         return inner_solvers.minimize_proximal(
-            loss_fn, theta, lam=LAM, num_steps=num_steps,
+            loss_fn,
+            theta,
+            lam=LAM,
+            num_steps=num_steps,
             optimizer=inner_solvers.gradient_descent(0.05),
         )
 

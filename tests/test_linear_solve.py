@@ -44,8 +44,9 @@ def test_solves_spd_systems(solver, run):
     # The reported (recursive) residual agrees with the true one ||b - A x|| / ||b||.
     flat_b = np.concatenate([v.numpy() for v in b], axis=1)
     true = np.linalg.norm(flat_b - np.einsum("tij,tj->ti", a, x), axis=1)
-    np.testing.assert_allclose(result.relative_residual.numpy(),
-                               true / np.linalg.norm(flat_b, axis=1), atol=1e-12)
+    np.testing.assert_allclose(
+        result.relative_residual.numpy(), true / np.linalg.norm(flat_b, axis=1), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -89,7 +90,7 @@ def test_initial_guess_is_used(solver):
 
 
 def test_our_cg_stops_converged_tasks_early():
-    a, b, matvec = _system(seed=8)
+    a, b, _ = _system(seed=8)
     # Task 0 gets the identity: one iteration solves it, the others need more.
     a[0] = np.eye(a.shape[-1])
     a_t = tf.constant(a)

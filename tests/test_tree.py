@@ -9,7 +9,10 @@ from tf_imaml import tree
 
 def _structure(seed=0, num_tasks=3):
     rng = np.random.default_rng(seed)
-    return [tf.constant(rng.normal(size=(num_tasks, 2, 3))), tf.constant(rng.normal(size=(num_tasks, 4)))]
+    return [
+        tf.constant(rng.normal(size=(num_tasks, 2, 3))),
+        tf.constant(rng.normal(size=(num_tasks, 4))),
+    ]
 
 
 def test_vdot_and_norm_are_per_task():
@@ -27,7 +30,7 @@ def test_flatten_unflatten_round_trip(run):
     flat = run(lambda: tree.flatten_tasks(a))
     assert flat.shape == (3, 10)
     back = run(lambda: tree.unflatten_tasks(tree.flatten_tasks(a), a))
-    for x, y in zip(a, back):
+    for x, y in zip(a, back, strict=True):
         np.testing.assert_array_equal(x.numpy(), y.numpy())  # a pure reshuffle: exact
 
 

@@ -14,7 +14,7 @@ dense Hessian to 1e-16 in float64 and cost about 2.2 to 2.8 gradients):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -109,7 +109,9 @@ def make_proximal_matvec(
     def matvec(v):
         hv = hvp(loss_fn, params, v, mode=mode)
         return tree.map_structure(
-            lambda x, y: (1.0 + tree.cast(damping, x.dtype)) * x + y / tree.cast(lam, x.dtype), v, hv
+            lambda x, y: (1.0 + tree.cast(damping, x.dtype)) * x + y / tree.cast(lam, x.dtype),
+            v,
+            hv,
         )
 
     return matvec

@@ -163,7 +163,7 @@ def attach_implicit_gradient(
         phi = [tf.identity(x) for x in leaves[num_leaves:]]
 
         def grad_fn(*upstream):
-            v = [tf.zeros_like(p) if u is None else u for u, p in zip(upstream, phi)]
+            v = [tf.zeros_like(p) if u is None else u for u, p in zip(upstream, phi, strict=True)]
             phi_tree = tf.nest.pack_sequence_as(adapted_params, phi)
             v_tree = tf.nest.pack_sequence_as(adapted_params, v)
             result = implicit_meta_gradient(

@@ -18,7 +18,8 @@ delta-approximate inner solution (Definition 1 and Theorem 1).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 

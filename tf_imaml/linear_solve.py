@@ -24,7 +24,8 @@ The reported residual is CG's recursive one, `r_k = r_{k-1} - alpha A p`, which 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -50,8 +51,9 @@ def _check_options(tol, max_iter, max_residual):
     checks.check_positive("max_residual", max_residual)
 
 
-def _finish(solution, num_iterations, residual_norm, b_norm, negative_curvature, breakdown,
-            max_residual):
+def _finish(
+    solution, num_iterations, residual_norm, b_norm, negative_curvature, breakdown, max_residual
+):
     relative = tf.math.divide_no_nan(residual_norm, b_norm)
     finite = tree.all_finite(solution) & tf.math.is_finite(relative)
     too_large = relative > tree.cast(max_residual, relative.dtype)

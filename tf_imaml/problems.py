@@ -107,3 +107,28 @@ def tanh_mlp_loss_fn(x: tf.Tensor, y: tf.Tensor):
         return tf.reduce_mean(tf.square(tanh_mlp_apply(params, x) - y), axis=1)
 
     return loss_fn
+
+
+def sinusoid_tasks(
+    *,
+    num_tasks: int,
+    num_support: int,
+    num_query: int,
+    seed: int = 0,
+    dtype=tf.float32,
+) -> RegressionTasks:
+    """Sinusoid regression tasks of Finn et al. (2017), seeded.
+
+    `y = A sin(x - phase)` with amplitude `A ~ U[0.1, 5]`, phase `~ U[0, pi]`, and
+    `x ~ U[-5, 5]`; inputs have a trailing feature axis of size 1.
+    """
+    rng = np.random.default_rng(seed)
+    amplitude = rng.uniform(0.1, 5.0, size=(num_tasks, 1))
+    phase = rng.uniform(0.0, np.pi, size=(num_tasks, 1))
+
+    def draw(n):
+        x = rng.uniform(-5.0, 5.0, size=(num_tasks, n))
+        y = amplitude * np.sin(x - phase)
+        return tf.constant(x[..., None], dtype), tf.constant(y, dtype)
+
+    return RegressionTasks(*draw(num_support), *draw(num_query))

@@ -12,7 +12,9 @@ variable or keeps state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -34,7 +36,7 @@ def assert_same_structure(a: Params, b: Params, *, what: str = "structures") -> 
         tf.nest.assert_same_structure(a, b, check_types=False)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{what} do not match: {err}") from None
-    for i, (x, y) in enumerate(zip(tf.nest.flatten(a), tf.nest.flatten(b))):
+    for i, (x, y) in enumerate(zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)):
         sx, sy = tf.TensorShape(x.shape), tf.TensorShape(y.shape)
         if not sx.is_compatible_with(sy):
             raise ValueError(f"{what} do not match: leaf {i} has shape {sx} against {sy}")
@@ -96,7 +98,9 @@ def _task_sum(x: tf.Tensor) -> tf.Tensor:
 
 def vdot(a: Params, b: Params) -> tf.Tensor:
     """Per-task inner product `sum_i <a_i[t], b_i[t]>`, shape `[T]`."""
-    return tf.add_n([_task_sum(x * y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))])
+    return tf.add_n(
+        [_task_sum(x * y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)]
+    )
 
 
 def sq_norm(a: Params) -> tf.Tensor:
@@ -147,7 +151,7 @@ def unflatten_tasks(flat: tf.Tensor, like: Params) -> Params:
     pieces = tf.split(flat, sizes, axis=1)
     out = [
         tf.reshape(p, tf.concat([tf.shape(flat)[:1], tf.shape(x)[1:]], 0))
-        for p, x in zip(pieces, leaves)
+        for p, x in zip(pieces, leaves, strict=True)
     ]
     return tf.nest.pack_sequence_as(like, out)
 

@@ -1,0 +1,45 @@
+"""tf_imaml: meta-learning with implicit gradients (iMAML) for TensorFlow and Keras.
+
+Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
+
+The functional core (pure functions over task-batched lists of tensors):
+`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`. Keras pieces: `layers`, `models`.
+"""
+
+from tf_imaml import hvp
+from tf_imaml import implicit
+from tf_imaml import inner_solvers
+from tf_imaml import layers
+from tf_imaml import linear_solve
+from tf_imaml import models
+from tf_imaml import problems
+from tf_imaml import tree
+from tf_imaml.implicit import attach_implicit_gradient
+from tf_imaml.implicit import implicit_meta_gradient
+from tf_imaml.implicit import proximal_adapt
+from tf_imaml.inner_solvers import minimize_proximal
+from tf_imaml.layers import BatchStatNormalization
+from tf_imaml.layers import ExactMaxPool2D
+from tf_imaml.linear_solve import solve_cg
+from tf_imaml.linear_solve import solve_cg_tf
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStatNormalization",
+    "ExactMaxPool2D",
+    "attach_implicit_gradient",
+    "hvp",
+    "implicit",
+    "implicit_meta_gradient",
+    "inner_solvers",
+    "layers",
+    "linear_solve",
+    "minimize_proximal",
+    "models",
+    "problems",
+    "proximal_adapt",
+    "solve_cg",
+    "solve_cg_tf",
+    "tree",
+]
