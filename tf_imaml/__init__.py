@@ -6,14 +6,17 @@ The functional core (pure functions over task-batched lists of tensors):
 `tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`. Keras pieces: `layers`, `models`.
 """
 
+from tf_imaml import episodes
 from tf_imaml import hvp
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import layers
 from tf_imaml import linear_solve
+from tf_imaml import meta_model
 from tf_imaml import models
 from tf_imaml import problems
 from tf_imaml import tree
+from tf_imaml.imaml import ImplicitMAML
 from tf_imaml.implicit import attach_implicit_gradient
 from tf_imaml.implicit import implicit_meta_gradient
 from tf_imaml.implicit import proximal_adapt
@@ -28,13 +31,16 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchStatNormalization",
     "ExactMaxPool2D",
+    "ImplicitMAML",
     "attach_implicit_gradient",
+    "episodes",
     "hvp",
     "implicit",
     "implicit_meta_gradient",
     "inner_solvers",
     "layers",
     "linear_solve",
+    "meta_model",
     "minimize_proximal",
     "models",
     "problems",

@@ -1,0 +1,447 @@
+"""`MetaLearner`: the Keras glue shared by ImplicitMAML and the baselines.
+
+A meta-learner wraps a built Keras `learner` whose weights are the meta-parameters `theta`.
+Its data are episodes `((support_x, support_y, query_x), query_y)`, every tensor with a
+leading task axis. For each task it adapts the learner to the support set, predicts the
+query set with the adapted weights, and (in training) computes a per-task meta-gradient;
+`train_step` averages those over tasks and hands them to the compiled optimizer. The
+compiled `loss` is the outer loss on the query set and the inner loss on the support set.
+
+Subclasses implement `_task_fn`, the per-task computation, over task-batched tensors; the
+math lives in the functional core (`tf_imaml.implicit` and friends), not here.
+
+Tasks are processed one at a time by `tf.map_fn` (each task's adaptation, Hessian-vector
+products and normalization statistics see that task alone); every core function takes the
+task axis, so `_task_fn` runs unchanged on a whole meta-batch where the learner can be
+evaluated batched.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from tf_imaml import checks
+from tf_imaml import layers as layers_lib
+from tf_imaml import tree
+
+ON_FAILURE = ("drop", "first_order", "zero")
+
+
+class TaskOutputs(NamedTuple):
+    """What `_task_fn` returns, each with a leading task axis `[T, ...]`."""
+
+    meta_grads: list  # Per-task meta-gradients, like the learner's trainable variables.
+    fallback_grads: list  # What a failed task may use instead (query gradient at phi).
+    query_pred: tf.Tensor  # Predictions on the query set after adaptation.
+    query_pred_before: tf.Tensor  # Predictions on the query set at theta (no adaptation).
+    query_loss: tf.Tensor  # [T] query loss after adaptation.
+    query_loss_before: tf.Tensor  # [T] query loss at theta.
+    support_loss: tf.Tensor  # [T] support loss after adaptation.
+    inner_grad_norm: tf.Tensor  # [T] norm of the inner objective's gradient at the end.
+    solver_residual: tf.Tensor  # [T] relative residual of the linear solve (0 if none).
+    solver_iterations: tf.Tensor  # [T] float, iterations of the linear solve (0 if none).
+    failed: tf.Tensor  # [T] bool: the task's meta-gradient is not to be trusted.
+
+
+class MetaLearner(keras.Model):
+    """Base class: episodes in, adapted predictions out, meta-gradients averaged over tasks.
+
+    Args:
+      learner: A built Keras model (Sequential, functional or subclassed).
+      inner_steps: Inner adaptation steps (training and test time), `>= 0`.
+      inner_learning_rate: Inner step size, `> 0`.
+      on_failure: What to do with a task whose meta-gradient failed (linear solve above
+        its residual bound, negative curvature, or non-finite values): `"drop"` leaves it
+        out of the mean over tasks; `"first_order"` uses its query gradient at the adapted
+        parameters instead; `"zero"` counts it with a zero gradient. Tasks whose gradient is
+        still not finite are always dropped, and a step whose mean gradient is not finite
+        (or has no task left) is skipped: the weights and the optimizer do not move, and
+        the `skipped_steps` metric counts it. Default value: `"drop"`.
+      name: Model name.
+    """
+
+    def __init__(
+        self,
+        learner: keras.Model,
+        *,
+        inner_steps: int,
+        inner_learning_rate: float,
+        on_failure: str = "drop",
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        if not isinstance(learner, keras.Model):
+            raise ValueError(f"learner must be a keras.Model, got {type(learner).__name__}")
+        if not learner.built or not learner.trainable_variables:
+            raise ValueError("learner must be built and have trainable weights")
+        layers_lib.check_second_order_safe(learner)
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        checks.check_positive("inner_learning_rate", inner_learning_rate)
+        checks.check_choice("on_failure", on_failure, ON_FAILURE)
+        self.learner = learner
+        self.inner_steps = inner_steps
+        self.inner_learning_rate = float(inner_learning_rate)
+        self.on_failure = on_failure
+        self._trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in (
+                "pre_adaptation_loss",
+                "support_loss",
+                "inner_grad_norm",
+                "solver_residual",
+                "solver_iterations",
+                "failed_fraction",
+                "meta_grad_norm",
+            )
+        }
+        self.skipped_steps = keras.metrics.Sum(name="skipped_steps")
+        self._pre_adaptation_metrics = []
+        self.built = True  # The learner is built; fit under tf.distribute needs this.
+
+    # ----------------------------------------------------------------- compile and loss
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Keras `compile`; `loss` must be one loss (it serves as inner and outer loss)."""
+        if loss is None or isinstance(loss, (list, tuple, dict)):
+            raise ValueError(f"loss must be one loss function or Loss object, got {loss!r}")
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        self._task_loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self._pre_adaptation_metrics = [_pre_adaptation_copy(m) for m in (metrics or [])]
+
+    def compile_from_config(self, config):
+        """Re-compiles on `keras.models.load_model` (our `compile` is custom)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
+
+    def _per_task_loss(self, y, pred):
+        """Mean over each task's examples of the compiled loss: `[T]`."""
+        loss = self._task_loss
+        per_example = loss.call(y, pred) if isinstance(loss, keras.losses.Loss) else loss(y, pred)
+        per_example = tf.cast(per_example, pred.dtype)
+        return tf.reduce_mean(tf.reshape(per_example, [tf.shape(pred)[0], -1]), axis=1)
+
+    # ----------------------------------------------------------------- learner, per task
+
+    def _theta(self):
+        return [tf.convert_to_tensor(v) for v in self.learner.trainable_variables]
+
+    def _apply(self, params, x):
+        """Learner outputs for task-batched `params` and inputs `x` (`[T, n, ...]`).
+
+        Evaluated task by task with `stateless_call`; normalization statistics come from
+        each task's own batch (the paper's setting).
+        """
+        non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+
+        def one(t):
+            out, _ = self.learner.stateless_call(
+                [p[t] for p in params], non_trainable, x[t], training=True
+            )
+            return out
+
+        if params[0].shape[0] == 1:
+            return one(0)[tf.newaxis]
+        return tf.map_fn(one, tf.range(tf.shape(x)[0]), fn_output_signature=params[0].dtype)
+
+    def _support_loss_fn(self, support_x, support_y):
+        """The inner loss closure: task-batched parameters -> per-task support loss."""
+
+        def loss_fn(params):
+            return self._per_task_loss(support_y, self._apply(params, support_x))
+
+        return loss_fn
+
+    def _inner_solve(self, theta, support_loss_fn):
+        """Adapts task-batched `theta` on the support loss: an `InnerSolveResult`."""
+        raise NotImplementedError
+
+    def _task_fn(self, support_x, support_y, query_x, query_y, *, training: bool) -> TaskOutputs:
+        """The per-task computation over task-batched tensors."""
+        raise NotImplementedError
+
+    def adapt(self, support_x, support_y) -> keras.Model:
+        """Adapts to one task and returns a copy of the learner with the adapted weights.
+
+        Args:
+          support_x: One task's support inputs, `[n, ...]` (or `[1, n, ...]`).
+          support_y: Its labels, `[n, ...]` (or `[1, n, ...]`).
+
+        Returns:
+          A new Keras model (a clone of the learner) holding `phi`; usable on its own.
+        """
+        support_x = tf.convert_to_tensor(support_x)
+        support_y = tf.convert_to_tensor(support_y)
+        learner_inputs = getattr(self.learner, "inputs", None)
+        example_rank = len(learner_inputs[0].shape) - 1 if learner_inputs else None
+        if example_rank is None or support_x.shape.rank == example_rank + 1:
+            support_x, support_y = support_x[tf.newaxis], support_y[tf.newaxis]
+        support_x, support_y, _ = self._check_inputs((support_x, support_y, support_x))
+        if support_x.shape[0] != 1:
+            raise ValueError(f"adapt takes one task, got {support_x.shape[0]}")
+        if getattr(self, "_adapt_function", None) is None:
+            self._adapt_function = tf.function(
+                lambda x, y: self._inner_solve(
+                    tree.broadcast_to_tasks(self._theta(), 1), self._support_loss_fn(x, y)
+                ).adapted_params
+            )
+        phi = self._adapt_function(support_x, support_y)
+        model = keras.models.clone_model(self.learner)
+        for variable, value in zip(model.trainable_variables, phi, strict=True):
+            variable.assign(value[0])
+        for variable, value in zip(
+            model.non_trainable_variables, self.learner.non_trainable_variables, strict=True
+        ):
+            variable.assign(value)
+        return model
+
+    def _run_tasks(self, support_x, support_y, query_x, query_y, *, training):
+        """`_task_fn` over the meta-batch, one task at a time (`tf.map_fn`)."""
+        dtype = self.learner.trainable_variables[0].dtype
+
+        def one(elems):
+            outputs = self._task_fn(*[e[tf.newaxis] for e in elems], training=training)
+            return tf.nest.map_structure(lambda t: t[0], outputs)
+
+        spec = TaskOutputs(
+            meta_grads=[tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables],
+            fallback_grads=[
+                tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables
+            ],
+            query_pred=tf.TensorSpec(None, dtype),
+            query_pred_before=tf.TensorSpec(None, dtype),
+            query_loss=tf.TensorSpec([], dtype),
+            query_loss_before=tf.TensorSpec([], dtype),
+            support_loss=tf.TensorSpec([], dtype),
+            inner_grad_norm=tf.TensorSpec([], dtype),
+            solver_residual=tf.TensorSpec([], dtype),
+            solver_iterations=tf.TensorSpec([], dtype),
+            failed=tf.TensorSpec([], tf.bool),
+        )
+        return tf.map_fn(one, (support_x, support_y, query_x, query_y), fn_output_signature=spec)
+
+    # ----------------------------------------------------------------- Keras steps
+
+    def call(self, inputs, training=False):
+        """Adapted predictions on the query set: `inputs = (support_x, support_y, query_x)`."""
+        support_x, support_y, query_x = self._check_inputs(inputs)
+        # Query labels are unknown here; zeros stand in for them (their loss is not used).
+        dummy_y = tf.zeros(
+            tf.concat([tf.shape(query_x)[:2], tf.shape(support_y)[2:]], 0), support_y.dtype
+        )
+        return self._run_tasks(support_x, support_y, query_x, dummy_y, training=False).query_pred
+
+    def train_step(self, data):
+        (support_x, support_y, query_x), query_y = self._unpack(data)
+        out = self._run_tasks(support_x, support_y, query_x, query_y, training=True)
+        grads = self._apply_mean(*self._aggregate(out))
+        logs = self._update_metrics(out, query_y)
+        num_tasks = tf.cast(tf.shape(out.failed)[0], out.query_loss.dtype)
+        # Failed solves of tf.linalg's CG leave NaN residuals; failed_fraction counts them.
+        finite = tf.math.is_finite(out.solver_residual)
+        self._trackers["solver_residual"].update_state(tf.boolean_mask(out.solver_residual, finite))
+        self._trackers["solver_iterations"].update_state(tf.reduce_mean(out.solver_iterations))
+        self._trackers["failed_fraction"].update_state(
+            tf.reduce_sum(tf.cast(out.failed, num_tasks.dtype)) / num_tasks
+        )
+        self._trackers["meta_grad_norm"].update_state(
+            tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+        )
+        logs.update({m.name: m.result() for m in self._trackers.values()})
+        logs[self.skipped_steps.name] = self.skipped_steps.result()
+        return logs
+
+    def test_step(self, data):
+        (support_x, support_y, query_x), query_y = self._unpack(data)
+        out = self._run_tasks(support_x, support_y, query_x, query_y, training=False)
+        return self._update_metrics(out, query_y)
+
+    def predict_step(self, data):
+        if isinstance(data, (tuple, list)) and len(data) in (1, 2):
+            data = data[0]  # (x,) from Keras, or (x, query_y) from an episode dataset.
+        return self(data, training=False)
+
+    # ----------------------------------------------------------------- pieces of the steps
+
+    def _update_metrics(self, out, query_y):
+        num_tasks = tf.shape(out.query_loss)[0]
+        self._loss_tracker.update_state(tf.reduce_mean(out.query_loss), sample_weight=num_tasks)
+        for key, value in (
+            ("pre_adaptation_loss", out.query_loss_before),
+            ("support_loss", out.support_loss),
+            ("inner_grad_norm", out.inner_grad_norm),
+        ):
+            self._trackers[key].update_state(tf.reduce_mean(value), sample_weight=num_tasks)
+        flat_y = _merge_task_axis(query_y)
+        if self._compile_metrics is not None:
+            self._compile_metrics.update_state(flat_y, _merge_task_axis(out.query_pred))
+        for metric in self._pre_adaptation_metrics:
+            metric.update_state(flat_y, _merge_task_axis(out.query_pred_before))
+        logs = {self._loss_tracker.name: self._loss_tracker.result()}
+        if self._compile_metrics is not None:
+            logs.update(self._compile_metrics.result())
+        for metric in self._pre_adaptation_metrics:
+            logs[metric.name] = metric.result()
+        for key in ("pre_adaptation_loss", "support_loss", "inner_grad_norm"):
+            logs[key] = self._trackers[key].result()
+        return logs
+
+    def _aggregate(self, out):
+        """Sum of the meta-gradients of the tasks that `on_failure` keeps; and how many."""
+        grads = out.meta_grads
+        usable = ~out.failed
+        if self.on_failure != "drop":
+            fallback = out.fallback_grads
+            if self.on_failure == "zero":
+                fallback = tree.zeros_like(fallback)
+            grads = tree.where_tasks(out.failed, fallback, grads)
+            usable = tf.ones_like(usable)
+        usable &= tree.all_finite(grads)
+        grads = tree.where_tasks(usable, grads, tree.zeros_like(grads))
+        num_used = tf.reduce_sum(tf.cast(usable, grads[0].dtype))
+        return [tf.reduce_sum(g, axis=0) for g in grads], num_used
+
+    def _apply_mean(self, grad_sums, num_used):
+        """Applies the mean meta-gradient unless no task was usable or it is not finite.
+
+        Under a `tf.distribute` strategy the counts are all-reduced, so that the step is the
+        mean over all replicas' usable tasks, exactly as on one device (the optimizer sums
+        the replicas' gradients). Returns the mean gradient (this replica's share).
+        """
+        replica = tf.distribute.get_replica_context()
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        distributed = replica is not None and num_replicas > 1
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grad_sums])
+        num_bad = tf.cast(~finite, num_used.dtype)
+        if distributed:
+            num_used = replica.all_reduce(tf.distribute.ReduceOp.SUM, num_used)
+            num_bad = replica.all_reduce(tf.distribute.ReduceOp.SUM, num_bad)
+        ok = (num_used > 0) & (num_bad == 0)
+        grads = [g / tf.maximum(num_used, 1.0) for g in grad_sums]
+        variables = self.learner.trainable_variables
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+
+        def apply(grads):
+            self.optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+        if distributed:
+            # A cond whose branch all-reduces (the optimizer does) must be taken in the
+            # cross-replica context, as Keras's LossScaleOptimizer does.
+            def cross_replica(distribution, ok, grads):
+                def apply_all():
+                    distribution.extended.call_for_each_replica(apply, args=(grads,))
+                    return tf.constant(True)
+
+                first_ok = distribution.experimental_local_results(ok)[0]
+                tf.cond(first_ok, apply_all, lambda: tf.constant(False))
+
+            replica.merge_call(cross_replica, args=(ok, grads))
+        else:
+            tf.cond(ok, lambda: apply(grads) or tf.constant(True), lambda: tf.constant(False))
+        self.skipped_steps.update_state(1.0 - tf.cast(ok, tf.float32))
+        return [g * num_replicas for g in grads]
+
+    def _unpack(self, data):
+        inputs, query_y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if query_y is None:
+            raise ValueError("an episode must be ((support_x, support_y, query_x), query_y)")
+        if sample_weight is not None:
+            raise ValueError("sample weights are not supported: weight tasks in the sampler")
+        support_x, support_y, query_x = self._check_inputs(inputs)
+        query_y = tf.convert_to_tensor(query_y)
+        query_y = _check_labels(self, "query", query_x, query_y)
+        return (support_x, support_y, query_x), query_y
+
+    def _check_inputs(self, inputs):
+        if not (isinstance(inputs, (tuple, list)) and len(inputs) == 3):
+            raise ValueError(
+                "inputs must be (support_x, support_y, query_x), each with a leading task "
+                f"axis; got {type(inputs).__name__}"
+            )
+        support_x, support_y, query_x = (tf.convert_to_tensor(t) for t in inputs)
+        dtype = self.learner.trainable_variables[0].dtype
+        support_x, query_x = tf.cast(support_x, dtype), tf.cast(query_x, dtype)
+        learner_inputs = getattr(self.learner, "inputs", None)
+        for name, x in (("support_x", support_x), ("query_x", query_x)):
+            if learner_inputs:
+                want = learner_inputs[0].shape[1:]
+                if x.shape.rank != len(want) + 2 or not x.shape[2:].is_compatible_with(want):
+                    raise ValueError(
+                        f"{name} has shape {x.shape}; the learner takes examples of shape "
+                        f"{tuple(want)}, so {name} must be [tasks, examples, "
+                        f"{', '.join(str(d) for d in want)}]"
+                    )
+        support_x = tf.debugging.assert_all_finite(support_x, "support_x has non-finite values")
+        query_x = tf.debugging.assert_all_finite(query_x, "query_x has non-finite values")
+        if not support_x.shape[:1].is_compatible_with(query_x.shape[:1]):
+            raise ValueError(
+                f"support_x and query_x have different numbers of tasks: {support_x.shape} "
+                f"and {query_x.shape}"
+            )
+        support_y = _check_labels(self, "support", support_x, support_y)
+        return support_x, support_y, query_x
+
+    # ----------------------------------------------------------------- saving
+
+    def get_config(self):
+        return {
+            "learner": keras.saving.serialize_keras_object(self.learner),
+            "inner_steps": self.inner_steps,
+            "inner_learning_rate": self.inner_learning_rate,
+            "on_failure": self.on_failure,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["learner"] = keras.saving.deserialize_keras_object(config["learner"])
+        return cls(**config)
+
+
+def _merge_task_axis(t):
+    """`[T, n, ...] -> [T * n, ...]` for Keras metrics."""
+    return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
+
+
+def _check_labels(model, split, x, y):
+    """Static shape agreement of `x` and `y`; `y` made to wait for its range checks."""
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank is not None and y.shape.rank < 2:
+        raise ValueError(f"{split}_y must be [tasks, examples, ...], got shape {y.shape}")
+    if not x.shape[:2].is_compatible_with(y.shape[:2]):
+        raise ValueError(
+            f"{split}_x has shape {x.shape} but {split}_y has shape {y.shape}: the task and "
+            "example axes must agree"
+        )
+    num_outputs = (
+        model.learner.outputs[0].shape[-1] if getattr(model.learner, "outputs", None) else None
+    )
+    if y.dtype.is_integer and num_outputs is not None and y.shape.rank == 2:
+        label_checks = [
+            tf.debugging.assert_non_negative(y, f"{split}_y has negative class labels"),
+            tf.debugging.assert_less(
+                y,
+                tf.cast(num_outputs, y.dtype),
+                f"{split}_y has class labels >= {num_outputs}, the learner's number of outputs",
+            ),
+        ]
+        with tf.control_dependencies(label_checks):
+            y = tf.identity(y)
+    return y
+
+
+def _pre_adaptation_copy(metric):
+    """A fresh copy of a compiled metric, named `pre_adaptation_<name>`."""
+    if isinstance(metric, str):
+        metric = keras.metrics.get(metric)
+        if not isinstance(metric, keras.metrics.Metric):
+            metric = keras.metrics.MeanMetricWrapper(metric, name=metric.__name__)
+    config = metric.get_config()
+    config["name"] = "pre_adaptation_" + config.get("name", metric.name)
+    return metric.__class__.from_config(config)
