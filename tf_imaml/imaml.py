@@ -17,7 +17,6 @@ from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
 from tf_imaml import meta_model
-from tf_imaml import tree
 
 INNER_OPTIMIZERS = ("gd", "momentum", "nesterov", "adam")
 
@@ -118,56 +117,32 @@ class ImplicitMAML(meta_model.MetaLearner):
             optimizer=self._inner,
         )
 
-    def _task_fn(self, support_x, support_y, query_x, query_y, *, training):
-        theta = tree.broadcast_to_tasks(self._theta(), tf.shape(support_x)[0])
-        support_loss_fn = self._support_loss_fn(support_x, support_y)
-
-        def query_loss_fn(params):
-            pred = self._apply(params, query_x)
-            return self._per_task_loss(query_y, pred), pred
-
+    def _meta_gradient(self, theta, support_loss_fn, query_loss_fn):
         inner = self._inner_solve(theta, support_loss_fn)
         phi = inner.adapted_params
-        with tf.GradientTape() as tape:
-            tape.watch(phi)
-            query_loss, query_pred = query_loss_fn(phi)
-            total = tf.reduce_sum(query_loss)
-        query_grads = tape.gradient(total, phi, unconnected_gradients="zero")
-        query_loss_before, query_pred_before = query_loss_fn(theta)
-        zeros = tf.zeros_like(query_loss)
-        if training:
-            result = implicit.implicit_meta_gradient(
-                support_loss_fn,
-                phi,
-                query_grads,
-                lam=self.lam,
-                damping=self.damping,
-                linear_solver=linear_solve.LINEAR_SOLVERS[self.linear_solver],
-                max_iter=self.cg_steps,
-                tol=self.cg_tol,
-                max_residual=self.max_residual,
-                hvp_mode=self.hvp_mode,
-            )
-            meta_grads, solve = result.meta_grads, result.solve
-            residual = solve.relative_residual
-            iterations = tf.cast(solve.num_iterations, zeros.dtype)
-            failed = solve.failed
-        else:
-            meta_grads = tree.zeros_like(query_grads)
-            residual, iterations = zeros, zeros
-            failed = tf.zeros_like(query_loss, tf.bool)
-        return meta_model.TaskOutputs(
-            meta_grads=meta_grads,
+        query_loss, query_pred, query_grads = meta_model.query_value_and_grad(query_loss_fn, phi)
+        result = implicit.implicit_meta_gradient(
+            support_loss_fn,
+            phi,
+            query_grads,
+            lam=self.lam,
+            damping=self.damping,
+            linear_solver=linear_solve.LINEAR_SOLVERS[self.linear_solver],
+            max_iter=self.cg_steps,
+            tol=self.cg_tol,
+            max_residual=self.max_residual,
+            hvp_mode=self.hvp_mode,
+        )
+        solve = result.solve
+        return meta_model.AdaptResult(
+            meta_grads=result.meta_grads,
             fallback_grads=query_grads,
-            query_pred=query_pred,
-            query_pred_before=query_pred_before,
             query_loss=query_loss,
-            query_loss_before=query_loss_before,
-            support_loss=inner.support_loss,
-            inner_grad_norm=inner.grad_norm,
-            solver_residual=residual,
-            solver_iterations=iterations,
-            failed=failed,
+            query_pred=query_pred,
+            inner=inner,
+            solver_residual=solve.relative_residual,
+            solver_iterations=tf.cast(solve.num_iterations, query_loss.dtype),
+            failed=solve.failed,
         )
 
     def get_config(self):

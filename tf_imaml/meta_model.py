@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from tf_imaml import checks
+from tf_imaml import inner_solvers
 from tf_imaml import layers as layers_lib
 from tf_imaml import tree
 
@@ -44,6 +45,28 @@ class TaskOutputs(NamedTuple):
     solver_residual: tf.Tensor  # [T] relative residual of the linear solve (0 if none).
     solver_iterations: tf.Tensor  # [T] float, iterations of the linear solve (0 if none).
     failed: tf.Tensor  # [T] bool: the task's meta-gradient is not to be trusted.
+
+
+class AdaptResult(NamedTuple):
+    """What a subclass's `_meta_gradient` returns for a task-batched set of tasks."""
+
+    meta_grads: list  # Per-task meta-gradients [T, ...].
+    fallback_grads: list  # Per-task gradient to use if the task failed (on_failure).
+    query_loss: tf.Tensor  # [T] query loss after adaptation.
+    query_pred: tf.Tensor  # Query predictions after adaptation.
+    inner: inner_solvers.InnerSolveResult  # The adaptation and its diagnostics.
+    solver_residual: tf.Tensor  # [T] relative residual of a linear solve, else zeros.
+    solver_iterations: tf.Tensor  # [T] float iterations of a linear solve, else zeros.
+    failed: tf.Tensor  # [T] bool.
+
+
+def query_value_and_grad(query_loss_fn, params):
+    """Query losses `[T]`, predictions and per-task gradients at `params`."""
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        losses, pred = query_loss_fn(params)
+        total = tf.reduce_sum(losses)
+    return losses, pred, tape.gradient(total, params, unconnected_gradients="zero")
 
 
 class MetaLearner(keras.Model):
@@ -160,9 +183,50 @@ class MetaLearner(keras.Model):
         """Adapts task-batched `theta` on the support loss: an `InnerSolveResult`."""
         raise NotImplementedError
 
+    def _meta_gradient(self, theta, support_loss_fn, query_loss_fn) -> AdaptResult:
+        """Adapts and computes the per-task meta-gradients (training): an `AdaptResult`."""
+        raise NotImplementedError
+
     def _task_fn(self, support_x, support_y, query_x, query_y, *, training: bool) -> TaskOutputs:
         """The per-task computation over task-batched tensors."""
-        raise NotImplementedError
+        theta = tree.broadcast_to_tasks(self._theta(), tf.shape(support_x)[0])
+        support_loss_fn = self._support_loss_fn(support_x, support_y)
+
+        def query_loss_fn(params):
+            pred = self._apply(params, query_x)
+            return self._per_task_loss(query_y, pred), pred
+
+        if training:
+            result = self._meta_gradient(theta, support_loss_fn, query_loss_fn)
+        else:
+            inner = self._inner_solve(theta, support_loss_fn)
+            query_loss, query_pred = query_loss_fn(inner.adapted_params)
+            zeros = tf.zeros_like(query_loss)
+            no_grads = tree.zeros_like(theta)
+            result = AdaptResult(
+                no_grads,
+                no_grads,
+                query_loss,
+                query_pred,
+                inner,
+                zeros,
+                zeros,
+                tf.zeros_like(query_loss, tf.bool),
+            )
+        query_loss_before, query_pred_before = query_loss_fn(theta)
+        return TaskOutputs(
+            meta_grads=result.meta_grads,
+            fallback_grads=result.fallback_grads,
+            query_pred=result.query_pred,
+            query_pred_before=query_pred_before,
+            query_loss=result.query_loss,
+            query_loss_before=query_loss_before,
+            support_loss=result.inner.support_loss,
+            inner_grad_norm=result.inner.grad_norm,
+            solver_residual=result.solver_residual,
+            solver_iterations=result.solver_iterations,
+            failed=result.failed,
+        )
 
     def adapt(self, support_x, support_y) -> keras.Model:
         """Adapts to one task and returns a copy of the learner with the adapted weights.
