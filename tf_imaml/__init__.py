@@ -6,7 +6,9 @@ The functional core (pure functions over task-batched lists of tensors):
 `tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`. Keras pieces: `layers`, `models`.
 """
 
+from tf_imaml import baselines
 from tf_imaml import episodes
+from tf_imaml import hessian_free
 from tf_imaml import hvp
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
@@ -16,6 +18,9 @@ from tf_imaml import meta_model
 from tf_imaml import models
 from tf_imaml import problems
 from tf_imaml import tree
+from tf_imaml import unrolled
+from tf_imaml.baselines import MAML
+from tf_imaml.baselines import Reptile
 from tf_imaml.imaml import ImplicitMAML
 from tf_imaml.implicit import attach_implicit_gradient
 from tf_imaml.implicit import implicit_meta_gradient
@@ -32,7 +37,10 @@ __all__ = [
     "BatchStatNormalization",
     "ExactMaxPool2D",
     "ImplicitMAML",
+    "MAML",
+    "Reptile",
     "attach_implicit_gradient",
+    "baselines",
     "episodes",
     "hvp",
     "implicit",
@@ -48,4 +56,6 @@ __all__ = [
     "solve_cg",
     "solve_cg_tf",
     "tree",
+    "unrolled",
+    "hessian_free",
 ]

@@ -12,13 +12,14 @@ import keras
 import tensorflow as tf
 
 from tf_imaml import checks
+from tf_imaml import hessian_free
 from tf_imaml import hvp as hvp_lib
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
 from tf_imaml import meta_model
 
-INNER_OPTIMIZERS = ("gd", "momentum", "nesterov", "adam")
+INNER_OPTIMIZERS = ("gd", "momentum", "nesterov", "adam", "hessian_free")
 
 
 @keras.saving.register_keras_serializable(package="tf_imaml")
@@ -44,8 +45,14 @@ class ImplicitMAML(meta_model.MetaLearner):
       inner_steps: Inner solver steps. Default value: `16`.
       inner_learning_rate: Inner step size. Default value: `0.1`.
       cg_steps: Conjugate-gradient iterations at most. Default value: `5`.
-      inner_optimizer: `"gd"` (iMAML-GD), `"momentum"`, `"nesterov"` or `"adam"`.
-        Default value: `"gd"`.
+      inner_optimizer: `"gd"` (iMAML-GD), `"momentum"`, `"nesterov"`, `"adam"`, or
+        `"hessian_free"` (iMAML-HF: `inner_steps` truncated-Newton steps, each direction
+        from `inner_cg_steps` CG iterations, step length by line search; it does not use
+        `inner_learning_rate`). Default value: `"gd"`.
+      inner_cg_steps: CG iterations per Newton direction of `"hessian_free"`.
+        Default value: `5`.
+      use_line_search: Line search for `"hessian_free"` (otherwise full Newton steps).
+        Default value: `True`.
       inner_momentum: `beta` of momentum/Nesterov, `beta_1` of Adam. Default value: `0.9`.
       linear_solver: `"cg_tf"` (`tf.linalg`'s CG) or `"cg"` (ours, per-task stopping).
         Default value: `"cg_tf"`.
@@ -73,6 +80,8 @@ class ImplicitMAML(meta_model.MetaLearner):
         cg_steps: int = 5,
         inner_optimizer: str = "gd",
         inner_momentum: float = 0.9,
+        inner_cg_steps: int = 5,
+        use_line_search: bool = True,
         linear_solver: str = "cg_tf",
         damping: float = 0.0,
         cg_tol: float = 1e-10,
@@ -92,6 +101,9 @@ class ImplicitMAML(meta_model.MetaLearner):
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
             raise ValueError(f"cg_steps must be an int >= 0, got {cg_steps!r}")
         checks.check_choice("inner_optimizer", inner_optimizer, INNER_OPTIMIZERS)
+        if isinstance(inner_cg_steps, bool) or not isinstance(inner_cg_steps, int):
+            raise ValueError(f"inner_cg_steps must be an int >= 1, got {inner_cg_steps!r}")
+        checks.check_positive("inner_cg_steps", inner_cg_steps)
         checks.check_choice("linear_solver", linear_solver, tuple(linear_solve.LINEAR_SOLVERS))
         checks.check_choice("hvp_mode", hvp_mode, hvp_lib.HVP_MODES)
         checks.check_non_negative("damping", damping)
@@ -101,6 +113,8 @@ class ImplicitMAML(meta_model.MetaLearner):
         self.cg_steps = cg_steps
         self.inner_optimizer = inner_optimizer
         self.inner_momentum = float(inner_momentum)
+        self.inner_cg_steps = inner_cg_steps
+        self.use_line_search = bool(use_line_search)
         self.linear_solver = linear_solver
         self.damping = float(damping)
         self.cg_tol = float(cg_tol)
@@ -109,6 +123,16 @@ class ImplicitMAML(meta_model.MetaLearner):
         self._inner = _make_inner_optimizer(inner_optimizer, inner_learning_rate, inner_momentum)
 
     def _inner_solve(self, theta, support_loss_fn):
+        if self.inner_optimizer == "hessian_free":
+            return hessian_free.minimize_proximal_newton(
+                support_loss_fn,
+                theta,
+                lam=self.lam,
+                num_steps=self.inner_steps,
+                cg_steps=self.inner_cg_steps,
+                use_line_search=self.use_line_search,
+                hvp_mode=self.hvp_mode,
+            )
         return inner_solvers.minimize_proximal(
             support_loss_fn,
             theta,
@@ -152,6 +176,8 @@ class ImplicitMAML(meta_model.MetaLearner):
             cg_steps=self.cg_steps,
             inner_optimizer=self.inner_optimizer,
             inner_momentum=self.inner_momentum,
+            inner_cg_steps=self.inner_cg_steps,
+            use_line_search=self.use_line_search,
             linear_solver=self.linear_solver,
             damping=self.damping,
             cg_tol=self.cg_tol,
@@ -164,6 +190,8 @@ class ImplicitMAML(meta_model.MetaLearner):
 def _make_inner_optimizer(kind, learning_rate, momentum):
     if kind == "gd":
         return inner_solvers.gradient_descent(learning_rate)
+    if kind == "hessian_free":
+        return None  # minimize_proximal_newton has its own loop.
     if kind in ("momentum", "nesterov"):
         return inner_solvers.momentum(learning_rate, beta=momentum, nesterov=kind == "nesterov")
     return inner_solvers.adam(learning_rate, beta_1=momentum)
