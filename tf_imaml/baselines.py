@@ -82,17 +82,7 @@ class MAML(_GradientDescentAdaptation):
             query_loss, query_pred = query_loss_fn(inner.adapted_params)
             total = tf.reduce_sum(query_loss)
         meta_grads = tape.gradient(total, theta, unconnected_gradients="zero")
-        zeros = tf.zeros_like(query_loss)
-        return meta_model.AdaptResult(
-            meta_grads=meta_grads,
-            fallback_grads=meta_grads,
-            query_loss=query_loss,
-            query_pred=query_pred,
-            inner=inner,
-            solver_residual=zeros,
-            solver_iterations=zeros,
-            failed=~tree.all_finite(meta_grads),
-        )
+        return _result(inner, meta_grads, query_loss, query_pred)
 
     def get_config(self):
         return {**super().get_config(), "first_order": self.first_order}
@@ -131,15 +121,19 @@ class Reptile(_GradientDescentAdaptation):
         inner = self._inner_solve(theta, support_loss_fn)
         phi = inner.adapted_params
         query_loss, query_pred = query_loss_fn(phi)
-        meta_grads = tree.sub(theta, phi)
-        zeros = tf.zeros_like(query_loss)
-        return meta_model.AdaptResult(
-            meta_grads=meta_grads,
-            fallback_grads=meta_grads,
-            query_loss=query_loss,
-            query_pred=query_pred,
-            inner=inner,
-            solver_residual=zeros,
-            solver_iterations=zeros,
-            failed=~tree.all_finite(meta_grads),
-        )
+        return _result(inner, tree.sub(theta, phi), query_loss, query_pred)
+
+
+def _result(inner, meta_grads, query_loss, query_pred):
+    """An `AdaptResult` without a linear solve: a task fails only on non-finite values."""
+    zeros = tf.zeros_like(query_loss)
+    return meta_model.AdaptResult(
+        meta_grads=meta_grads,
+        fallback_grads=meta_grads,
+        query_loss=query_loss,
+        query_pred=query_pred,
+        inner=inner,
+        solver_residual=zeros,
+        solver_iterations=zeros,
+        failed=~tree.all_finite(meta_grads),
+    )
