@@ -7,7 +7,9 @@ The functional core (pure functions over task-batched lists of tensors):
 """
 
 from tf_imaml import baselines
+from tf_imaml import datasets
 from tf_imaml import episodes
+from tf_imaml import evaluation
 from tf_imaml import hessian_free
 from tf_imaml import hvp
 from tf_imaml import implicit
@@ -41,7 +43,9 @@ __all__ = [
     "Reptile",
     "attach_implicit_gradient",
     "baselines",
+    "datasets",
     "episodes",
+    "evaluation",
     "hvp",
     "implicit",
     "implicit_meta_gradient",

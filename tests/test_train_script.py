@@ -1,0 +1,66 @@
+"""Smoke tests of scripts/train.py, run as a user runs it (a subprocess)."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+TINY = [
+    "--meta_steps=2",
+    "--steps_per_epoch=1",
+    "--meta_batch_size=2",
+    "--val_tasks=2",
+    "--test_tasks=4",
+    "--image_size=14",
+    "--inner_steps=2",
+    "--queries=2",
+]
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["imaml", "maml"])
+def test_train_writes_model_results_split_and_logs(algorithm, tmp_path):
+    proc = _run(f"--algorithm={algorithm}", f"--logdir={tmp_path}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"test accuracy \d+\.\d+ \+- \d+\.\d+% over 4 tasks", proc.stdout)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["test_tasks"] == 4 and 0.0 <= result["test_accuracy"] <= 1.0
+    split = json.loads((tmp_path / "split.json").read_text())
+    train, val, test = (set(split[s]) for s in ("train", "val", "test"))
+    assert len(train) == 1028 and not train & val and not train & test and not val & test
+    assert (tmp_path / "model.keras").is_file()
+    assert list((tmp_path / "train").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "validation").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "hparams").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ways=1"], "ways"),
+        (["--lam=0"], "--lam must be > 0"),
+        (["--meta_steps=5", "--steps_per_epoch=2"], "multiple of --steps_per_epoch"),
+        (["--algorithm=protonet"], "algorithm"),
+    ],
+)
+def test_bad_flags_fail_before_any_work(args, message, tmp_path):
+    proc = _run(f"--logdir={tmp_path / 'run'}", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was written
