@@ -25,6 +25,23 @@ from tf_imaml import unrolled
 class _GradientDescentAdaptation(meta_model.MetaLearner):
     """Adaptation by plain gradient descent on the support loss (no proximal term)."""
 
+    def __init__(
+        self,
+        learner: keras.Model,
+        *,
+        inner_steps: int = 5,
+        inner_learning_rate: float = 0.4,
+        on_failure: str = "drop",
+        name: str | None = None,
+    ):
+        super().__init__(
+            learner,
+            inner_steps=inner_steps,
+            inner_learning_rate=inner_learning_rate,
+            on_failure=on_failure,
+            name=name,
+        )
+
     def _inner_solve(self, theta, support_loss_fn):
         return unrolled.unrolled_gradient_descent(
             support_loss_fn,
@@ -99,23 +116,6 @@ class Reptile(_GradientDescentAdaptation):
       on_failure: See `MetaLearner`. Default value: `"drop"`.
       name: Model name. Default value: `None`.
     """
-
-    def __init__(
-        self,
-        learner: keras.Model,
-        *,
-        inner_steps: int = 5,
-        inner_learning_rate: float = 0.4,
-        on_failure: str = "drop",
-        name: str | None = None,
-    ):
-        super().__init__(
-            learner,
-            inner_steps=inner_steps,
-            inner_learning_rate=inner_learning_rate,
-            on_failure=on_failure,
-            name=name,
-        )
 
     def _meta_gradient(self, theta, support_loss_fn, query_loss_fn):
         inner = self._inner_solve(theta, support_loss_fn)

@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from tf_imaml import checks
+from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import layers as layers_lib
 from tf_imaml import tree
@@ -271,11 +272,10 @@ class MetaLearner(keras.Model):
             outputs = self._task_fn(*[e[tf.newaxis] for e in elems], training=training)
             return tf.nest.map_structure(lambda t: t[0], outputs)
 
+        grad_spec = [tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables]
         spec = TaskOutputs(
-            meta_grads=[tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables],
-            fallback_grads=[
-                tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables
-            ],
+            meta_grads=grad_spec,
+            fallback_grads=grad_spec,
             query_pred=tf.TensorSpec(None, dtype),
             query_pred_before=tf.TensorSpec(None, dtype),
             query_loss=tf.TensorSpec([], dtype),
@@ -359,10 +359,9 @@ class MetaLearner(keras.Model):
         grads = out.meta_grads
         usable = ~out.failed
         if self.on_failure != "drop":
-            fallback = out.fallback_grads
-            if self.on_failure == "zero":
-                fallback = tree.zeros_like(fallback)
-            grads = tree.where_tasks(out.failed, fallback, grads)
+            grads = implicit.apply_failure_policy(
+                grads, out.fallback_grads, out.failed, on_failure=self.on_failure
+            )
             usable = tf.ones_like(usable)
         usable &= tree.all_finite(grads)
         grads = tree.where_tasks(usable, grads, tree.zeros_like(grads))
