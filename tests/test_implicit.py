@@ -93,7 +93,10 @@ def _tanh_setup(num_tasks=2):
     return params, support_loss, query_loss
 
 
-def _implicit_grad(params, support_loss, query_loss, lam, num_steps):
+def _implicit_grad(
+    params, support_loss, query_loss, lam, num_steps, solver=linear_solve.solve_cg, hvp_mode=None
+):
+    options = {} if hvp_mode is None else {"hvp_mode": hvp_mode}
     num_params = int(tree.flatten_tasks(params).shape[1])
 
     @tf.function
@@ -106,9 +109,10 @@ def _implicit_grad(params, support_loss, query_loss, lam, num_steps):
                 lam=lam,
                 num_steps=num_steps,
                 optimizer=inner_solvers.gradient_descent(0.1),
-                linear_solver=linear_solve.solve_cg,
+                linear_solver=solver,
                 max_iter=3 * num_params,
                 tol=1e-14,
+                **options,
             )
             total = tf.reduce_sum(query_loss(adapted))
         return tape.gradient(total, params), inner
@@ -116,10 +120,12 @@ def _implicit_grad(params, support_loss, query_loss, lam, num_steps):
     return meta_grad()
 
 
-def test_matches_finite_differences_on_tanh_network():
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("hvp_mode", ["reverse_over_reverse", "linearized"])
+def test_matches_finite_differences_on_tanh_network(solver, hvp_mode):
     params, support_loss, query_loss = _tanh_setup()
     lam = 1.0
-    grads, inner = _implicit_grad(params, support_loss, query_loss, lam, 4000)
+    grads, inner = _implicit_grad(params, support_loss, query_loss, lam, 4000, solver, hvp_mode)
     assert (inner.grad_norm.numpy() < 1e-12).all()
 
     solve = tf.function(

@@ -32,6 +32,7 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
         inner_steps: int = 5,
         inner_learning_rate: float = 0.4,
         on_failure: str = "drop",
+        task_batching: str = "auto",
         name: str | None = None,
     ):
         super().__init__(
@@ -39,6 +40,7 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
             inner_steps=inner_steps,
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
+            task_batching=task_batching,
             name=name,
         )
 
@@ -64,6 +66,7 @@ class MAML(_GradientDescentAdaptation):
         Default value: `False`.
       on_failure: See `MetaLearner`; a MAML task "fails" only with non-finite values.
         Default value: `"drop"`.
+      task_batching: See `MetaLearner`. Default value: `"auto"`.
       name: Model name. Default value: `None`.
     """
 
@@ -75,6 +78,7 @@ class MAML(_GradientDescentAdaptation):
         inner_learning_rate: float = 0.4,
         first_order: bool = False,
         on_failure: str = "drop",
+        task_batching: str = "auto",
         name: str | None = None,
     ):
         super().__init__(
@@ -82,6 +86,7 @@ class MAML(_GradientDescentAdaptation):
             inner_steps=inner_steps,
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
+            task_batching=task_batching,
             name=name,
         )
         self.first_order = bool(first_order)
@@ -114,6 +119,7 @@ class Reptile(_GradientDescentAdaptation):
       inner_steps: Inner gradient-descent steps. Default value: `5`.
       inner_learning_rate: Inner step size. Default value: `0.4`.
       on_failure: See `MetaLearner`. Default value: `"drop"`.
+      task_batching: See `MetaLearner`. Default value: `"auto"`.
       name: Model name. Default value: `None`.
     """
 

@@ -10,6 +10,10 @@ dense Hessian to 1e-16 in float64 and cost about 2.2 to 2.8 gradients):
 - `"reverse_over_reverse"`: `d/dparams <grad loss(params), v>` with nested tapes.
 - `"forward_over_reverse"`: a `tf.autodiff.ForwardAccumulator` (directional derivative
   along `v`) around the tape that computes the gradient.
+- `"linearized"`: reverse over reverse, with the gradient computed once under a persistent
+  tape (`linearize`); each product then only runs the second backward pass,
+  `tape.gradient(grad, params, output_gradients=v)`. For many products at one point (the
+  conjugate-gradient iterations of iMAML) this saves a forward and a backward pass each.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tf_imaml import checks
 from tf_imaml import tree
 
 LossFn = Callable[[tree.Params], tf.Tensor]
-HVP_MODES = ("reverse_over_reverse", "forward_over_reverse")
+HVP_MODES = ("reverse_over_reverse", "forward_over_reverse", "linearized")
 
 
 def value_and_grad(loss_fn: LossFn, params: tree.Params) -> tuple[tf.Tensor, tree.Params]:
@@ -61,6 +65,8 @@ def hvp(
     """
     checks.check_choice("mode", mode, HVP_MODES)
     tree.assert_same_structure(params, vector, what="params and vector")
+    if mode == "linearized":
+        return linearize(loss_fn, params, name=name)(vector)
     with tf.name_scope(name or "hvp"):
         params = tree.convert(params)
         vector = tree.map_structure(tf.stop_gradient, tree.convert(vector))
@@ -75,6 +81,43 @@ def hvp(
         with tf.autodiff.ForwardAccumulator(params, vector) as acc:
             _, grads = value_and_grad(loss_fn, params)
         return acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def linearize(
+    loss_fn: LossFn, params: tree.Params, *, name: str | None = None
+) -> Callable[[tree.Params], tree.Params]:
+    """`v -> H(params) v` for many `v`, with the gradient at `params` computed once.
+
+    The gradient is recorded on a persistent tape; each product differentiates it again
+    along `v` (`output_gradients=v`), which is `J_grad^T v = H v` since the Hessian is
+    symmetric. The returned function may be called inside a `tf.while_loop` body.
+
+    Args:
+      loss_fn: Maps a task-batched parameter structure to per-task losses, shape `[T]`.
+      params: Where the Hessian is taken; a structure of `[T, ...]` tensors.
+      name: Name scope. Default value: `None` (`"linearize"`).
+
+    Returns:
+      A function from a structure like `params` to `H_t v_t` for every task `t`.
+    """
+    with tf.name_scope(name or "linearize"):
+        params = tree.convert(params)
+        tape = tf.GradientTape(persistent=True)
+        with tape:
+            tape.watch(params)
+            _, grads = value_and_grad(loss_fn, params)
+
+    def hvp_fn(vector):
+        tree.assert_same_structure(params, vector, what="params and vector")
+        vector = tree.map_structure(tf.stop_gradient, tree.convert(vector))
+        return tape.gradient(
+            grads,
+            params,
+            output_gradients=vector,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    return hvp_fn
 
 
 def make_proximal_matvec(
@@ -105,9 +148,14 @@ def make_proximal_matvec(
     """
     checks.check_positive("lam", lam)
     checks.check_non_negative("damping", damping)
+    checks.check_choice("mode", mode, HVP_MODES)
+    if mode == "linearized":
+        hvp_fn = linearize(loss_fn, params)
+    else:
+        hvp_fn = lambda v: hvp(loss_fn, params, v, mode=mode)  # noqa: E731
 
     def matvec(v):
-        hv = hvp(loss_fn, params, v, mode=mode)
+        hv = hvp_fn(v)
         return tree.map_structure(
             lambda x, y: (1.0 + tree.cast(damping, x.dtype)) * x + y / tree.cast(lam, x.dtype),
             v,

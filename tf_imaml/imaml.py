@@ -61,9 +61,11 @@ class ImplicitMAML(meta_model.MetaLearner):
       cg_tol: Relative residual at which CG stops early. Default value: `1e-10`.
       max_residual: A final relative residual above this marks the task failed.
         Default value: `1.0`.
-      hvp_mode: `"reverse_over_reverse"` or `"forward_over_reverse"`.
-        Default value: `"reverse_over_reverse"`.
+      hvp_mode: `"linearized"` (the support gradient at `phi` recorded once, each CG
+        iteration only differentiates it again), `"reverse_over_reverse"` or
+        `"forward_over_reverse"`; see `tf_imaml.hvp`. Default value: `"linearized"`.
       on_failure: See `MetaLearner`. Default value: `"drop"`.
+      task_batching: See `MetaLearner`. Default value: `"auto"`.
       name: Model name. Default value: `None`.
 
     Raises:
@@ -86,8 +88,9 @@ class ImplicitMAML(meta_model.MetaLearner):
         damping: float = 0.0,
         cg_tol: float = 1e-10,
         max_residual: float = 1.0,
-        hvp_mode: str = "reverse_over_reverse",
+        hvp_mode: str = "linearized",
         on_failure: str = "drop",
+        task_batching: str = "auto",
         name: str | None = None,
     ):
         super().__init__(
@@ -95,6 +98,7 @@ class ImplicitMAML(meta_model.MetaLearner):
             inner_steps=inner_steps,
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
+            task_batching=task_batching,
             name=name,
         )
         checks.check_positive("lam", lam)

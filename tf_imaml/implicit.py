@@ -69,7 +69,8 @@ def implicit_meta_gradient(
       tol: Relative residual at which CG stops early. Default value: `1e-10`.
       max_residual: A final relative residual above this counts as a failed solve.
         Default value: `1.0`.
-      hvp_mode: `"reverse_over_reverse"` or `"forward_over_reverse"`.
+      hvp_mode: `"reverse_over_reverse"`, `"forward_over_reverse"` or `"linearized"`
+        (see `tf_imaml.hvp`).
         Default value: `"reverse_over_reverse"`.
       name: Name scope. Default value: `None` (`"implicit_meta_gradient"`).
 

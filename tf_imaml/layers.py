@@ -73,23 +73,32 @@ class BatchStatNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         del training  # The current batch's statistics are used in every mode.
-        dtype = inputs.dtype
-        low_precision = keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16")
-        x = ops.cast(inputs, "float32") if low_precision else inputs
-        axes = tuple(range(len(x.shape) - 1))
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        centered = x - mean
-        var = ops.mean(ops.square(centered), axis=axes, keepdims=True)
-        gamma = ops.cast(self.gamma, x.dtype)
-        beta = ops.cast(self.beta, x.dtype)
-        y = centered * ops.rsqrt(var + self.epsilon) * gamma + beta
-        return ops.cast(y, dtype) if low_precision else y
+        axes = tuple(range(len(inputs.shape) - 1))
+        return batch_stat_normalize(inputs, self.gamma, self.beta, axes=axes, epsilon=self.epsilon)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self) -> dict:
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def batch_stat_normalize(x, gamma, beta, *, axes, epsilon: float):
+    """`(x - mean) / sqrt(var + epsilon) * gamma + beta`, moments over `axes` of `x` itself.
+
+    The moments are plain differentiable ops (no `stop_gradient`), so derivatives of every
+    order are exact. float16 and bfloat16 are normalized in float32 and cast back.
+    `gamma` and `beta` must broadcast against `x`.
+    """
+    dtype = x.dtype
+    low_precision = keras.backend.standardize_dtype(dtype) in ("float16", "bfloat16")
+    if low_precision:
+        x = ops.cast(x, "float32")
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    centered = x - mean
+    var = ops.mean(ops.square(centered), axis=axes, keepdims=True)
+    y = centered * ops.rsqrt(var + epsilon) * ops.cast(gamma, x.dtype) + ops.cast(beta, x.dtype)
+    return ops.cast(y, dtype) if low_precision else y
 
 
 @keras.saving.register_keras_serializable(package="tf_imaml")
