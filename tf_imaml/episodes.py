@@ -50,11 +50,10 @@ def _batch_dataset(
     shapes: Sequence[tuple],
     dtypes: Sequence[tf.dtypes.DType],
     num_batches: int | None,
+    first_batch: int = 0,
 ) -> tf.data.Dataset:
-    """`batch_fn(i)` for `i = 0, 1, ...` as a dataset of `((sx, sy, qx), qy)` with static shapes."""
-    indices = (
-        tf.data.Dataset.counter() if num_batches is None else tf.data.Dataset.range(num_batches)
-    )
+    """`batch_fn(i)` for `i = first_batch, first_batch + 1, ...` as a dataset of `((sx, sy, qx), qy)` with static shapes."""
+    indices = _indices(num_batches, first_batch)
 
     def map_fn(index):
         arrays = tf.numpy_function(batch_fn, [index], list(dtypes))
@@ -65,6 +64,14 @@ def _batch_dataset(
 
     dataset = indices.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _indices(num_batches: int | None, first_batch: int) -> tf.data.Dataset:
+    """Batch indices `first_batch, first_batch + 1, ...` (`num_batches` of them, or endless)."""
+    _check_count("first_batch", first_batch, minimum=0)
+    if num_batches is None:
+        return tf.data.Dataset.counter(start=first_batch)
+    return tf.data.Dataset.range(first_batch, first_batch + num_batches)
 
 
 def _class_table(labels: np.ndarray) -> tuple[np.ndarray, _ClassTable]:
@@ -125,6 +132,57 @@ def _gather_rotated(images: np.ndarray, examples: np.ndarray, turns: np.ndarray,
     return x
 
 
+def _episode_sampler(labels, *, ways, shots, queries, meta_batch_size, seed, rotations):
+    """`sample(i)`: batch `i`'s support and query `(examples, quarter turns, labels)`.
+
+    Each array is `[T, ways * shots]` (support) or `[T, ways * queries]` (query); see
+    `few_shot_episodes` for the draw. Raises `ValueError` if there are fewer (class,
+    rotation) pairs than `ways` or a class has fewer than `shots + queries` examples.
+    """
+    classes, table = _class_table(labels)
+    num_pairs = len(classes) * len(rotations)
+    if num_pairs < ways:
+        raise ValueError(
+            f"ways = {ways} needs as many classes, but there are {len(classes)} classes x "
+            f"{len(rotations)} rotations = {num_pairs}"
+        )
+    per_class = shots + queries
+    short = np.flatnonzero(table.counts < per_class)
+    if short.size:
+        first = short[0]
+        raise ValueError(
+            f"class {classes[first]} has {table.counts[first]} examples, fewer than "
+            f"shots + queries = {per_class} ({short.size} class(es) too small)"
+        )
+    turns = np.array(rotations) // 90
+
+    def sample(index):
+        rng = np.random.default_rng([seed, int(index)])
+        picked = np.stack(
+            [rng.choice(num_pairs, ways, replace=False) for _ in range(meta_batch_size)]
+        )
+        base = picked // len(rotations)  # [T, ways] index into `classes`
+        shape = (meta_batch_size, ways, per_class)
+        draws = _draw_without_replacement(rng, table.counts[base], per_class)
+        examples = table.order[table.starts[base][..., np.newaxis] + draws]
+        turn = np.broadcast_to(turns[picked % len(rotations)][..., np.newaxis], shape)
+        label = np.broadcast_to(np.arange(ways, dtype=np.int32)[:, np.newaxis], shape)
+        rows = np.arange(meta_batch_size)[:, np.newaxis]
+        parts = []
+        for part in (slice(0, shots), slice(shots, per_class)):
+            n = ways * (part.stop - part.start)
+            perm = rng.permuted(np.tile(np.arange(n), (meta_batch_size, 1)), axis=1)
+            parts.append(
+                tuple(
+                    a[:, :, part].reshape(meta_batch_size, n)[rows, perm]
+                    for a in (examples, turn, label)
+                )
+            )
+        return parts
+
+    return sample
+
+
 def few_shot_episodes(
     images: np.ndarray,
     labels: np.ndarray,
@@ -136,6 +194,7 @@ def few_shot_episodes(
     seed: int,
     rotations: Sequence[int] = (0,),
     num_batches: int | None = None,
+    first_batch: int = 0,
     dtype: tf.dtypes.DType = tf.float32,
 ) -> tf.data.Dataset:
     """N-way K-shot classification episodes from a labelled image array.
@@ -161,6 +220,8 @@ def few_shot_episodes(
         Default value: `(0,)` (no augmentation).
       num_batches: Number of elements, or `None` for an endless dataset.
         Default value: `None`.
+      first_batch: Index of the first element: a run resumed after `n` meta-steps starts
+        at `n` and sees the episodes an uninterrupted run would. Default value: `0`.
       dtype: Dtype of `support_x` and `query_x`.
         Default value: `tf.float32`.
 
@@ -178,48 +239,27 @@ def few_shot_episodes(
     rotations = tuple(rotations)
     _check_few_shot_inputs(images, labels, ways, shots, queries, meta_batch_size, seed, rotations)
     _check_num_batches(num_batches)
-    classes, table = _class_table(labels)
-    num_pairs = len(classes) * len(rotations)
-    if num_pairs < ways:
-        raise ValueError(
-            f"ways = {ways} needs as many classes, but there are {len(classes)} classes x "
-            f"{len(rotations)} rotations = {num_pairs}"
-        )
-    per_class = shots + queries
-    short = np.flatnonzero(table.counts < per_class)
-    if short.size:
-        first = short[0]
-        raise ValueError(
-            f"class {classes[first]} has {table.counts[first]} examples, fewer than "
-            f"shots + queries = {per_class} ({short.size} class(es) too small)"
-        )
+    sample = _episode_sampler(
+        labels,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        meta_batch_size=meta_batch_size,
+        seed=seed,
+        rotations=rotations,
+    )
     if images.ndim == 3:
         images = images[..., np.newaxis]
     np_dtype = tf.as_dtype(dtype).as_numpy_dtype
-    turns = np.array(rotations) // 90
 
     def batch_fn(index):
-        rng = np.random.default_rng([seed, int(index)])
-        picked = np.stack(
-            [rng.choice(num_pairs, ways, replace=False) for _ in range(meta_batch_size)]
+        (se, sk, sy), (qe, qk, qy) = sample(index)
+        return (
+            _gather_rotated(images, se, sk, np_dtype),
+            sy,
+            _gather_rotated(images, qe, qk, np_dtype),
+            qy,
         )
-        base = picked // len(rotations)  # [T, ways] index into `classes`
-        shape = (meta_batch_size, ways, per_class)
-        draws = _draw_without_replacement(rng, table.counts[base], per_class)
-        examples = table.order[table.starts[base][..., np.newaxis] + draws]
-        turn = np.broadcast_to(turns[picked % len(rotations)][..., np.newaxis], shape)
-        label = np.broadcast_to(np.arange(ways, dtype=np.int32)[:, np.newaxis], shape)
-        rows = np.arange(meta_batch_size)[:, np.newaxis]
-        arrays = []
-        for part in (slice(0, shots), slice(shots, per_class)):
-            n = ways * (part.stop - part.start)
-            perm = rng.permuted(np.tile(np.arange(n), (meta_batch_size, 1)), axis=1)
-            e, k, y = (
-                a[:, :, part].reshape(meta_batch_size, n)[rows, perm]
-                for a in (examples, turn, label)
-            )
-            arrays += [_gather_rotated(images, e, k, np_dtype), y]
-        return tuple(arrays)
 
     image_shape = images.shape[1:]
     return _batch_dataset(
@@ -232,6 +272,7 @@ def few_shot_episodes(
         ],
         dtypes=[dtype, tf.int32, dtype, tf.int32],
         num_batches=num_batches,
+        first_batch=first_batch,
     )
 
 
@@ -242,6 +283,7 @@ def sinusoid_episodes(
     meta_batch_size: int,
     seed: int,
     num_batches: int | None = None,
+    first_batch: int = 0,
     dtype: tf.dtypes.DType = tf.float32,
 ) -> tf.data.Dataset:
     """Sinusoid regression episodes of Finn et al. (2017).
@@ -257,6 +299,8 @@ def sinusoid_episodes(
       seed: Non-negative integer; batch `i` is drawn from `np.random.default_rng([seed, i])`.
       num_batches: Number of elements, or `None` for an endless dataset.
         Default value: `None`.
+      first_batch: Index of the first element: a run resumed after `n` meta-steps starts
+        at `n` and sees the episodes an uninterrupted run would. Default value: `0`.
       dtype: Dtype of every array.
         Default value: `tf.float32`.
 
@@ -292,4 +336,108 @@ def sinusoid_episodes(
         shapes=[(meta_batch_size, n, 1) for n in (shots, shots, queries, queries)],
         dtypes=[dtype] * 4,
         num_batches=num_batches,
+        first_batch=first_batch,
     )
+
+
+def jpeg_few_shot_episodes(
+    images,
+    labels: np.ndarray,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    meta_batch_size: int,
+    seed: int,
+    image_size: int | None = None,
+    num_batches: int | None = None,
+    first_batch: int = 0,
+    dtype: tf.dtypes.DType = tf.float32,
+) -> tf.data.Dataset:
+    """N-way K-shot episodes of JPEG-encoded images, decoded inside the `tf.data` pipeline.
+
+    The draw is that of `few_shot_episodes` (same seeds, same tasks for the same labels,
+    without rotations). Only the sampled images are read: `images.get(indices)` returns
+    their encoded bytes, and `tf.io.decode_jpeg` decodes them in parallel `map` calls. Pixel
+    values are scaled to `[0, 1]`.
+
+    Args:
+      images: A source of encoded images with `len(images)` and `images.get(indices)`
+        (a NumPy array of indices to an object array of bytes), e.g.
+        `tf_imaml.mini_imagenet.JpegImages`.
+      labels: `[N]` integer class labels.
+      ways, shots, queries, meta_batch_size, seed, num_batches, first_batch, dtype: As in
+        `few_shot_episodes`.
+      image_size: Resize (bilinear, with antialiasing) to `image_size x image_size`, or
+        `None` to keep the decoded size (all images must then have the same size).
+        Default value: `None`.
+
+    Returns:
+      A `tf.data.Dataset` of `((support_x, support_y, query_x), query_y)` as in
+      `few_shot_episodes`, with 3-channel images.
+
+    Raises:
+      ValueError: As `few_shot_episodes`, or if `images` and `labels` differ in length.
+    """
+    labels = np.asarray(labels)
+    for name, value in [
+        ("ways", ways),
+        ("shots", shots),
+        ("queries", queries),
+        ("meta_batch_size", meta_batch_size),
+    ]:
+        _check_count(name, value)
+    _check_count("seed", seed, minimum=0)
+    _check_num_batches(num_batches)
+    if image_size is not None:
+        _check_count("image_size", image_size)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"images and labels differ in length: {len(images)} != {len(labels)}")
+    sample = _episode_sampler(
+        labels,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        meta_batch_size=meta_batch_size,
+        seed=seed,
+        rotations=(0,),
+    )
+    num_support, num_query = ways * shots, ways * queries
+
+    def bytes_fn(index):
+        (se, _, sy), (qe, _, qy) = sample(index)
+        encoded = images.get(np.concatenate([se.ravel(), qe.ravel()]))
+        return encoded.astype(object), sy, qy
+
+    def decode(encoded):
+        image = tf.io.decode_jpeg(encoded, channels=3)
+        if image_size is not None:
+            image = tf.image.resize(image, (image_size, image_size), antialias=True)
+        return tf.cast(image, dtype) / tf.cast(255.0, dtype)
+
+    def map_fn(index):
+        encoded, support_y, query_y = tf.numpy_function(
+            bytes_fn, [index], [tf.string, tf.int32, tf.int32]
+        )
+        encoded = tf.ensure_shape(encoded, [meta_batch_size * (num_support + num_query)])
+        x = tf.map_fn(decode, encoded, fn_output_signature=tf.TensorSpec(None, dtype))
+        if image_size is not None:
+            x = tf.ensure_shape(x, [None, image_size, image_size, 3])
+        support_x = tf.reshape(
+            x[: meta_batch_size * num_support],
+            tf.concat([[meta_batch_size, num_support], tf.shape(x)[1:]], 0),
+        )
+        query_x = tf.reshape(
+            x[meta_batch_size * num_support :],
+            tf.concat([[meta_batch_size, num_query], tf.shape(x)[1:]], 0),
+        )
+        support_y = tf.ensure_shape(support_y, [meta_batch_size, num_support])
+        query_y = tf.ensure_shape(query_y, [meta_batch_size, num_query])
+        return (support_x, support_y, query_x), query_y
+
+    dataset = _indices(num_batches, first_batch).map(
+        map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
