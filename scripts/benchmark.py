@@ -1,0 +1,557 @@
+"""Time and memory of a meta-step: iMAML against MAML, side by side, in one run.
+
+Every configuration runs in a fresh process (so that its peak memory, VmHWM from
+`/proc/self/status`, is its own) on the same real Omniglot episodes; the parent kills a
+configuration whose memory passes `--memory_limit_gb` and reports where MAML stops. Each
+time is the median of `--repeats` meta-steps after `--warmup` steps. The run also measures
+the machine's dense throughput (a matmul and a convolution) at its start and end, so that
+the meta-steps read as a fraction of what the machine can do.
+
+Writes `<output_dir>/results.json`, `<output_dir>/benchmark.md` (the tables) and
+`<output_dir>/benchmark.png` (time and peak memory against inner steps: Figure 2b of
+Rajeswaran et al. 2019, for several inner optimizers).
+
+Usage:
+  python scripts/benchmark.py --output_dir=runs/benchmark
+  python scripts/benchmark.py --tiny --output_dir=/tmp/bench   # a smoke run in a minute
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+ALGORITHMS = ("imaml_gd", "imaml_momentum", "imaml_adam", "imaml_hf", "maml", "fomaml")
+TASK_BATCHING = ("per_task", "support", "batched")
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where results go.")
+_ALGORITHMS = flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms against K.")
+_INNER_STEPS = flags.DEFINE_list("inner_steps", ["5", "16", "50", "100"], "Inner steps K.")
+_META_BATCH = flags.DEFINE_integer("meta_batch_size", 32, "Tasks per meta-step.", lower_bound=1)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Meta-batch scaling.")
+_CG_STEPS = flags.DEFINE_list("cg_steps", ["1", "5", "10", "20"], "CG-steps scaling.")
+_BATCHING = flags.DEFINE_list("task_batching", list(TASK_BATCHING), "Batching modes compared.")
+_REFERENCE_K = flags.DEFINE_integer("reference_inner_steps", 16, "K of the scaling runs.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed meta-steps per configuration.", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed meta-steps first.", lower_bound=1)
+_MAX_HF_STEPS = flags.DEFINE_integer(
+    "max_hf_inner_steps", 16, "iMAML-HF only up to this K (each step is a Newton-CG solve)."
+)
+_WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
+_SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
+_QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
+_FILTERS = flags.DEFINE_integer("filters", 64, "Channels of the conv net.", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=16)
+_MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gb", 12.0, "Kill a configuration above this.")
+_TINY = flags.DEFINE_bool(
+    "tiny", False, "A small, fast run for smoke tests (defaults of the other flags shrink)."
+)
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one configuration (JSON).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One measured configuration."""
+
+    algorithm: str
+    inner_steps: int
+    meta_batch_size: int
+    cg_steps: int = 5
+    task_batching: str = "auto"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    filters: int = 64
+    image_size: int = 28
+    repeats: int = 5
+    warmup: int = 2
+    episodes: str = ""
+    split: bool = False  # Also time the inner loop, query gradient and solve apart.
+
+
+# ------------------------------------------------------------------ worker (one process)
+
+
+def _vm_hwm_mb() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _build(config: Config):
+    import keras
+
+    import tf_imaml
+
+    keras.utils.set_random_seed(0)
+    learner = tf_imaml.models.conv4_classifier(
+        config.ways,
+        input_shape=(config.image_size, config.image_size, 1),
+        filters=config.filters,
+    )
+    common = dict(
+        inner_steps=config.inner_steps,
+        inner_learning_rate=0.1 if config.algorithm.startswith("imaml") else 0.4,
+        task_batching=config.task_batching,
+    )
+    if config.algorithm.startswith("imaml"):
+        inner = config.algorithm.split("_", 1)[1]
+        meta = tf_imaml.ImplicitMAML(
+            learner,
+            lam=2.0,
+            cg_steps=config.cg_steps,
+            inner_optimizer={"gd": "gd", "hf": "hessian_free"}.get(inner, inner),
+            **common,
+        )
+    else:
+        meta = tf_imaml.MAML(learner, first_order=config.algorithm == "fomaml", **common)
+    meta.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return meta
+
+
+def _split_times(meta, episode, config: Config) -> dict:
+    """Inner loop, query gradient and linear solve of iMAML, each its own `tf.function`."""
+    import tensorflow as tf
+
+    from tf_imaml import implicit
+    from tf_imaml import linear_solve
+    from tf_imaml import meta_model
+    from tf_imaml import tree
+
+    (support_x, support_y, query_x), query_y = episode
+
+    def over_tasks(fn, elems, spec):
+        """`fn` on the whole meta-batch, or task by task like the learner's own path."""
+        if meta._batch_support:
+            return fn(*elems)
+
+        def one(e):
+            return tf.nest.map_structure(
+                lambda t: t[0], fn(*tf.nest.map_structure(lambda x: x[tf.newaxis], e))
+            )
+
+        return tf.map_fn(one, elems, fn_output_signature=spec)
+
+    grad_spec = [tf.TensorSpec(v.shape, v.dtype) for v in meta.learner.trainable_variables]
+
+    def inner_fn(sx, sy):
+        theta = tree.broadcast_to_tasks(meta._theta(), tf.shape(sx)[0])
+        return meta._inner_solve(theta, meta._support_loss_fn(sx, sy)).adapted_params
+
+    def query_fn(phi, qx, qy):
+        def loss_fn(params):
+            pred = meta._apply(params, qx, batched=meta._batch_query)
+            return meta._per_task_loss(qy, pred), pred
+
+        return meta_model.query_value_and_grad(loss_fn, phi)[2]
+
+    def solve_fn(phi, v, sx, sy):
+        return implicit.implicit_meta_gradient(
+            meta._support_loss_fn(sx, sy),
+            phi,
+            v,
+            lam=meta.lam,
+            linear_solver=linear_solve.LINEAR_SOLVERS[meta.linear_solver],
+            max_iter=meta.cg_steps,
+            tol=meta.cg_tol,
+            hvp_mode=meta.hvp_mode,
+        ).meta_grads
+
+    inner = tf.function(lambda sx, sy: over_tasks(inner_fn, (sx, sy), grad_spec))
+    query = tf.function(lambda phi, qx, qy: over_tasks(query_fn, (phi, qx, qy), grad_spec))
+    solve = tf.function(
+        lambda phi, v, sx, sy: over_tasks(
+            lambda p, g, x, y: solve_fn(list(p), list(g), x, y), (phi, v, sx, sy), grad_spec
+        )
+    )
+    phi = inner(support_x, support_y)
+    v = query(phi, query_x, query_y)
+    solve(phi, v, support_x, support_y)
+    times = {"inner_loop_s": [], "query_gradient_s": [], "linear_solve_s": []}
+    for _ in range(config.repeats):
+        for key, fn in (
+            ("inner_loop_s", lambda: inner(support_x, support_y)),
+            ("query_gradient_s", lambda: query(phi, query_x, query_y)),
+            ("linear_solve_s", lambda: solve(phi, v, support_x, support_y)),
+        ):
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), fn())
+            times[key].append(time.perf_counter() - start)
+    return {key: float(np.median(value)) for key, value in times.items()}
+
+
+def run_worker(config: Config) -> dict:
+    """Builds the configuration, times its meta-steps; returns the measurements."""
+    import tensorflow as tf
+
+    data = np.load(config.episodes)
+    t = config.meta_batch_size
+    batches = [
+        (
+            (
+                tf.constant(data["support_x"][i, :t]),
+                tf.constant(data["support_y"][i, :t]),
+                tf.constant(data["query_x"][i, :t]),
+            ),
+            tf.constant(data["query_y"][i, :t]),
+        )
+        for i in range(data["support_x"].shape[0])
+    ]
+    meta = _build(config)
+    start = time.perf_counter()
+    meta.train_on_batch(*batches[0])
+    first_step_s = time.perf_counter() - start
+    for i in range(1, config.warmup):
+        meta.train_on_batch(*batches[i % len(batches)])
+    times = []
+    for i in range(config.repeats):
+        start = time.perf_counter()
+        logs = meta.train_on_batch(*batches[(config.warmup + i) % len(batches)], return_dict=True)
+        times.append(time.perf_counter() - start)
+    result = {
+        "step_s": float(np.median(times)),
+        "step_times_s": [round(x, 4) for x in times],
+        "first_step_s": first_step_s,
+        "failed_fraction": float(logs.get("failed_fraction", 0.0)),
+        "task_batching_used": (
+            "batched" if meta._batch_query else "support" if meta._batch_support else "per_task"
+        ),
+    }
+    if config.split and config.algorithm.startswith("imaml") and config.algorithm != "imaml_hf":
+        result.update(_split_times(meta, batches[0], config))
+    result["peak_memory_mb"] = _vm_hwm_mb()
+    return result
+
+
+# ------------------------------------------------------------------ parent
+
+
+def _forward_flops(config: Config) -> float:
+    """FLOPs of one image through the conv net (multiply-adds count 2)."""
+    size, channels, flops = config.image_size, 1, 0.0
+    for _ in range(4):
+        size = -(-size // 2)
+        flops += 2.0 * size * size * 9 * channels * config.filters
+        channels = config.filters
+    return flops + 2.0 * size * size * config.filters * config.ways
+
+
+def useful_flops(config: Config) -> float:
+    """FLOPs a meta-step needs, counting a gradient as 3 and an HVP as 6 forward passes.
+
+    Per task: the inner loop's `K` support gradients (MAML: plus `K` HVPs to backpropagate
+    through them; iMAML-HF: `inner_cg_steps = 5` HVPs and one gradient per Newton step),
+    one query gradient at the adapted weights, one query forward pass at theta (the
+    pre-adaptation metrics) and, for iMAML, `cg_steps` HVPs.
+    """
+    forward = _forward_flops(config)
+    support = config.ways * config.shots * forward
+    query = config.ways * config.queries * forward
+    k = config.inner_steps
+    inner = {
+        "maml": k * (3 + 6) * support,
+        "fomaml": k * 3 * support,
+        "imaml_hf": k * (5 * 6 + 3) * support,
+    }.get(config.algorithm, k * 3 * support)
+    solve = config.cg_steps * 6 * support if config.algorithm.startswith("imaml") else 0.0
+    return config.meta_batch_size * (inner + solve + 3 * query + query)
+
+
+def machine_throughput() -> dict:
+    """Dense float32 GFLOP/s of this machine: a 2048^2 matmul and a 3x3 64->64 convolution."""
+    import tensorflow as tf
+
+    a = tf.random.normal([2048, 2048])
+    x = tf.random.normal([256, 14, 14, 64])
+    k = tf.random.normal([3, 3, 64, 64])
+    result = {}
+    for name, fn, flops in (
+        ("matmul_gflops", tf.function(lambda: tf.matmul(a, a)), 2 * 2048**3),
+        (
+            "conv_gflops",
+            tf.function(lambda: tf.nn.conv2d(x, k, 1, "SAME")),
+            2 * 256 * 14 * 14 * 9 * 64 * 64,
+        ),
+    ):
+        fn().numpy()
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            fn().numpy()
+            times.append(time.perf_counter() - start)
+        result[name] = flops / np.median(times) / 1e9
+    return result
+
+
+def make_episodes(path: pathlib.Path, config: Config, num_batches: int) -> None:
+    """Real Omniglot training episodes, saved once and shared by every configuration."""
+    import tf_imaml
+
+    data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
+    dataset = tf_imaml.episodes.few_shot_episodes(
+        data.images,
+        data.labels,
+        ways=config.ways,
+        shots=config.shots,
+        queries=config.queries,
+        meta_batch_size=config.meta_batch_size,
+        seed=0,
+        rotations=(0, 90, 180, 270),
+        num_batches=num_batches,
+    )
+    arrays = {"support_x": [], "support_y": [], "query_x": [], "query_y": []}
+    for (sx, sy, qx), qy in dataset:
+        for key, value in zip(arrays, (sx, sy, qx, qy), strict=True):
+            arrays[key].append(value.numpy())
+    np.savez(path, **{key: np.stack(value) for key, value in arrays.items()})
+
+
+def run_in_subprocess(config: Config, memory_limit_mb: float) -> dict:
+    """Runs one configuration in a fresh Python; kills it above the memory limit."""
+    command = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(config))]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_rss = 0.0
+    while process.poll() is None:
+        try:
+            status = pathlib.Path(f"/proc/{process.pid}/status").read_text()
+            rss = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
+            peak_rss = max(peak_rss, rss / 1024)
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            pass
+        if peak_rss > memory_limit_mb:
+            process.kill()
+            process.wait()
+            return {"error": f"stopped above the memory limit ({memory_limit_mb / 1024:.3g} GB)"}
+        time.sleep(0.05)
+    stdout, stderr = process.communicate()
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = stderr.strip().splitlines()[-3:]
+    return {"error": f"exit code {process.returncode}: " + " | ".join(tail)}
+
+
+def _cell(result: dict, key: str, fmt: str) -> str:
+    return "—" if key not in result else format(result[key], fmt)
+
+
+def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> str:
+    """The Markdown tables; returns them."""
+    lines = [
+        f"Machine: matmul {machine['start']['matmul_gflops']:.0f} / conv "
+        f"{machine['start']['conv_gflops']:.0f} GFLOP/s at the start, "
+        f"{machine['end']['matmul_gflops']:.0f} / {machine['end']['conv_gflops']:.0f} at the end "
+        "(float32).",
+        "",
+    ]
+    sections = (
+        ("inner_steps", "Time and peak memory against inner steps K"),
+        ("task_batching", "Task batching (iMAML-GD)"),
+        ("batch_size", "Scaling with meta-batch size (iMAML-GD)"),
+        ("cg_steps", "Scaling with CG steps (iMAML-GD)"),
+    )
+    for sweep, title in sections:
+        section = [r for r in rows if r["sweep"] == sweep]
+        if not section:
+            continue
+        lines += [
+            f"### {title}",
+            "",
+            "| algorithm | K | tasks | CG | batching | s / meta-step | inner loop s | "
+            "query grad s | solve s | peak MB | useful GFLOP | GFLOP/s | % of conv peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in section:
+            c, m = r["config"], r["result"]
+            if "error" in m:
+                rate = pct = "—"
+                step = m["error"]
+            else:
+                rate_value = r["useful_gflop"] / m["step_s"]
+                rate = f"{rate_value:.1f}"
+                pct = f"{100 * rate_value / machine['start']['conv_gflops']:.0f}%"
+                step = f"{m['step_s']:.3f}"
+            lines.append(
+                f"| {c['algorithm']} | {c['inner_steps']} | {c['meta_batch_size']} | "
+                f"{c['cg_steps'] if c['algorithm'].startswith('imaml') else '—'} | "
+                f"{m.get('task_batching_used', c['task_batching'])} | {step} | "
+                f"{_cell(m, 'inner_loop_s', '.3f')} | {_cell(m, 'query_gradient_s', '.3f')} | "
+                f"{_cell(m, 'linear_solve_s', '.3f')} | {_cell(m, 'peak_memory_mb', '.0f')} | "
+                f"{r['useful_gflop']:.1f} | {rate} | {pct} |"
+            )
+        lines.append("")
+    text = "\n".join(lines)
+    (output_dir / "benchmark.md").write_text(text)
+    return text
+
+
+def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
+    """Time and peak memory against K, one line per algorithm (Figure 2b of the paper)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for algorithm in ALGORITHMS:
+        points = [
+            (r["config"]["inner_steps"], r["result"])
+            for r in rows
+            if r["sweep"] == "inner_steps" and r["config"]["algorithm"] == algorithm
+        ]
+        points = [(k, m) for k, m in points if "error" not in m]
+        if not points:
+            continue
+        ks = [k for k, _ in points]
+        style = "--" if "maml" in algorithm and not algorithm.startswith("imaml") else "-"
+        ax_time.plot(ks, [m["step_s"] for _, m in points], style, marker="o", label=algorithm)
+        ax_mem.plot(
+            ks,
+            [m["peak_memory_mb"] / 1024 for _, m in points],
+            style,
+            marker="o",
+            label=algorithm,
+        )
+    ax_time.set(xlabel="inner steps K", ylabel="seconds per meta-step", title="Compute")
+    ax_mem.set(xlabel="inner steps K", ylabel="peak memory (GB, VmHWM)", title="Memory")
+    for ax in (ax_time, ax_mem):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Meta-step on Omniglot 5-way 1-shot, conv net, meta-batch 32 (2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(output_dir / "benchmark.png", dpi=110)
+    plt.close(fig)
+
+
+def plan(base: Config) -> list[tuple[str, Config]]:
+    """Every (sweep, configuration) of the run, in order."""
+    inner_steps = [int(k) for k in _INNER_STEPS.value]
+    configs = []
+    reference = dataclasses.replace(base, algorithm="imaml_gd", inner_steps=_REFERENCE_K.value)
+    for mode in _BATCHING.value:
+        if mode not in TASK_BATCHING:
+            raise app.UsageError(f"--task_batching: unknown {mode!r}; known: {TASK_BATCHING}")
+        configs.append(
+            ("task_batching", dataclasses.replace(reference, task_batching=mode, split=True))
+        )
+    for algorithm in _ALGORITHMS.value:
+        if algorithm not in ALGORITHMS:
+            raise app.UsageError(f"--algorithms: unknown {algorithm!r}; known: {ALGORITHMS}")
+        for k in inner_steps:
+            if algorithm == "imaml_hf" and k > _MAX_HF_STEPS.value:
+                continue
+            configs.append(
+                ("inner_steps", dataclasses.replace(base, algorithm=algorithm, inner_steps=k))
+            )
+    for t in _BATCH_SIZES.value:
+        configs.append(("batch_size", dataclasses.replace(reference, meta_batch_size=int(t))))
+    for c in _CG_STEPS.value:
+        configs.append(("cg_steps", dataclasses.replace(reference, cg_steps=int(c))))
+    return configs
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKER.value:
+        result = run_worker(Config(**json.loads(_WORKER.value)))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if _TINY.value:
+        for flag, value in (
+            (_INNER_STEPS, ["1", "2"]),
+            (_BATCH_SIZES, ["1", "2"]),
+            (_CG_STEPS, ["1", "2"]),
+            (_META_BATCH, 2),
+            (_REPEATS, 1),
+            (_WARMUP, 1),
+            (_FILTERS, 4),
+            (_QUERIES, 2),
+            (_IMAGE_SIZE, 16),
+            (_REFERENCE_K, 1),
+        ):
+            if not flags.FLAGS[flag.name].present:  # Flags given explicitly win.
+                setattr(flags.FLAGS, flag.name, value)
+    for name, values in (
+        ("inner_steps", _INNER_STEPS),
+        ("batch_sizes", _BATCH_SIZES),
+        ("cg_steps", _CG_STEPS),
+    ):
+        if not all(
+            v.isdigit() and int(v) >= (0 if name == "inner_steps" else 1) for v in values.value
+        ):
+            raise app.UsageError(f"--{name} must be non-negative integers, got {values.value}")
+    output_dir = pathlib.Path(_OUTPUT_DIR.value)
+    max_batch = max([_META_BATCH.value] + [int(t) for t in _BATCH_SIZES.value])
+    base = Config(
+        algorithm="imaml_gd",
+        inner_steps=_REFERENCE_K.value,
+        meta_batch_size=_META_BATCH.value,
+        ways=_WAYS.value,
+        shots=_SHOTS.value,
+        queries=_QUERIES.value,
+        filters=_FILTERS.value,
+        image_size=_IMAGE_SIZE.value,
+        repeats=_REPEATS.value,
+        warmup=_WARMUP.value,
+        episodes=str(output_dir / "episodes.npz"),
+    )
+    configs = plan(base)  # Flag errors before anything is written.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Sampling Omniglot episodes into {base.episodes} ...", flush=True)
+    make_episodes(
+        pathlib.Path(base.episodes),
+        dataclasses.replace(base, meta_batch_size=max_batch),
+        base.warmup + base.repeats,
+    )
+    machine = {"start": machine_throughput()}
+    rows = []
+    done = {}  # The reference configuration appears in several sweeps: measured once.
+    started = time.time()
+    for i, (sweep, config) in enumerate(configs, start=1):
+        key = dataclasses.replace(config, split=False)
+        if key not in done or (config.split and "inner_loop_s" not in done[key]):
+            done[key] = run_in_subprocess(config, _MEMORY_LIMIT.value * 1024)
+        result = done[key]
+        row = {
+            "sweep": sweep,
+            "config": dataclasses.asdict(config),
+            "result": result,
+            "useful_gflop": useful_flops(config) / 1e9,
+        }
+        rows.append(row)
+        summary = result.get("error") or (
+            f"{result['step_s']:.3f} s/step, peak {result['peak_memory_mb']:.0f} MB"
+        )
+        print(
+            f"[{i}/{len(configs)} {time.time() - started:5.0f} s] {sweep}: {config.algorithm} "
+            f"K={config.inner_steps} T={config.meta_batch_size} CG={config.cg_steps} "
+            f"{config.task_batching}: {summary}",
+            flush=True,
+        )
+    machine["end"] = machine_throughput()
+    (output_dir / "results.json").write_text(
+        json.dumps({"machine": machine, "rows": rows}, indent=1)
+    )
+    print(write_report(output_dir, rows, machine))
+    plot(output_dir, rows)
+    print(f"Wrote {output_dir}/benchmark.md, benchmark.png and results.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,77 @@
+"""Smoke tests of scripts/benchmark.py at a tiny size, run as a user runs it."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=1200,
+        check=False,
+    )
+
+
+def test_benchmark_writes_tables_plot_and_results(tmp_path):
+    proc = _run(
+        f"--output_dir={tmp_path}",
+        "--algorithms=imaml_gd,maml",
+        "--inner_steps=1,3",
+        "--task_batching=support",
+        "--batch_sizes=2",
+        "--cg_steps=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| imaml_gd | 3 | 2 | 5 | support |" in table and "| maml | 1 | 2 | — |" in table
+    assert "### Task batching (iMAML-GD)" in table and "| support |" in table
+    assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["start"]["matmul_gflops"] > 0
+    rows = {
+        (r["sweep"], r["config"]["algorithm"], r["config"]["inner_steps"]): r
+        for r in results["rows"]
+    }
+    assert len(rows) == 6
+    for row in results["rows"]:
+        assert row["result"]["step_s"] > 0 and row["result"]["peak_memory_mb"] > 100
+        assert row["useful_gflop"] > 0
+    split = rows[("task_batching", "imaml_gd", 1)]["result"]
+    assert all(split[k] > 0 for k in ("inner_loop_s", "query_gradient_s", "linear_solve_s"))
+    # More inner steps cost more useful FLOPs; MAML's backward pass makes its K steps dearer.
+    imaml = [rows[("inner_steps", "imaml_gd", k)]["useful_gflop"] for k in (1, 3)]
+    maml = [rows[("inner_steps", "maml", k)]["useful_gflop"] for k in (1, 3)]
+    assert imaml[1] > imaml[0] and maml[1] - maml[0] > imaml[1] - imaml[0]
+
+
+def test_configurations_above_the_memory_limit_are_stopped(tmp_path):
+    proc = _run(
+        f"--output_dir={tmp_path}",
+        "--algorithms=maml",
+        "--inner_steps=1",
+        "--task_batching=",
+        "--batch_sizes=",
+        "--cg_steps=",
+        "--memory_limit_gb=0.05",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["result"] for r in results["rows"]] == [
+        {"error": "stopped above the memory limit (0.05 GB)"}
+    ]
+    assert "stopped above the memory limit" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_bad_flags_fail_before_any_work(tmp_path):
+    proc = _run(f"--output_dir={tmp_path / 'out'}", "--algorithms=protonet")
+    assert proc.returncode != 0 and "unknown 'protonet'" in proc.stderr
+    assert not (tmp_path / "out").exists()
