@@ -1,4 +1,4 @@
-"""Meta-trains a few-shot classifier on Omniglot and reports test accuracy with a 95% CI.
+"""Meta-trains a few-shot classifier (Omniglot or mini-ImageNet); test accuracy with a 95% CI.
 
 Keras `fit` shows progress; TensorBoard gets every metric, the hyperparameters and the
 validation curve; a checkpoint is written every epoch (`--steps_per_epoch` meta-steps) and a
@@ -6,9 +6,16 @@ killed run resumes from it when started again with the same `--logdir`. At the e
 is saved to `<logdir>/model.keras` and evaluated on `--test_episodes` held-out tasks; the
 result goes to `<logdir>/results.json`, the class split to `<logdir>/split.json`.
 
+Omniglot (shipped) uses the strided 64-filter conv net on 28x28 images with rotations as
+extra classes; mini-ImageNet (read from `--data_dir`, default `../shared/data/mini_imagenet`)
+uses the 32-filter conv net with exact max pooling on 84x84 RGB images, decoded from JPEG in
+the `tf.data` pipeline.
+
 Usage:
   python scripts/train.py --algorithm=imaml --ways=5 --shots=1 --meta_steps=2000 \\
       --logdir=runs/omniglot_5w1s
+  python scripts/train.py --dataset=mini_imagenet --algorithm=maml --inner_steps=5 \\
+      --inner_learning_rate=0.01 --meta_batch_size=4 --logdir=runs/mini_imagenet
 """
 
 from __future__ import annotations
@@ -32,10 +39,21 @@ import tf_imaml  # noqa: E402
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml", "reptile")
 
 _ALGORITHM = flags.DEFINE_enum("algorithm", "imaml", ALGORITHMS, "Meta-learning algorithm.")
-_DATASET = flags.DEFINE_enum("dataset", "omniglot", ["omniglot"], "Benchmark.")
+DATASETS = ("omniglot", "mini_imagenet")
+_DATASET = flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Benchmark.")
 _SPLIT = flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Omniglot .npz (default: the shipped copy).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side after resizing.", lower_bound=4)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Omniglot .npz (default: the shipped copy), or the mini-ImageNet folder (default: "
+    "$TF_IMAML_MINI_IMAGENET or ../shared/data/mini_imagenet).",
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size",
+    None,
+    "Image side after resizing (default: 28 Omniglot, 84 mini-ImageNet).",
+    lower_bound=4,
+)
 _WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
 _SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
 _QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
@@ -56,6 +74,24 @@ _INIT_MODEL = flags.DEFINE_string(
     "init_model", None, "A saved .keras model to continue (its algorithm and settings win)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and episodes.")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "default",
+    STRATEGIES,
+    "tf.distribute strategy: one device; MirroredStrategy over this machine's devices; or "
+    "MultiWorkerMirroredStrategy over the workers listed in $TF_CONFIG (run the same command "
+    "on every worker, each with its own TF_CONFIG task index).",
+)
+_ON_FAILURE = flags.DEFINE_enum(
+    "on_failure",
+    "drop",
+    ["drop", "first_order", "zero"],
+    "What a task whose meta-gradient failed contributes (see tf_imaml.MetaLearner).",
+)
+_MAX_SKIPPED = flags.DEFINE_float(
+    "max_skipped_fraction", 0.5, "Stop when an epoch skipped more meta-steps than this."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +100,7 @@ class TrainConfig:
     dataset: str = "omniglot"
     split: str = "vinyals"
     data_dir: str | None = None
-    image_size: int = 28
+    image_size: int | None = None  # None: 28 for Omniglot, 84 for mini-ImageNet.
     ways: int = 5
     shots: int = 1
     queries: int = 15
@@ -81,6 +117,9 @@ class TrainConfig:
     logdir: str = "runs/omniglot"
     init_model: str | None = None
     seed: int = 0
+    strategy: str = "default"
+    on_failure: str = "drop"
+    max_skipped_fraction: float = 0.5
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -92,15 +131,37 @@ class TrainConfig:
                 f"--meta_steps ({self.meta_steps}) must be a multiple of --steps_per_epoch "
                 f"({self.steps_per_epoch})"
             )
-        if self.data_dir and not pathlib.Path(self.data_dir).is_file():
-            raise ValueError(f"--data_dir {self.data_dir} is not a file")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multi_worker needs $TF_CONFIG (see README)")
+        if not 0.0 <= self.max_skipped_fraction < 1.0:
+            raise ValueError(
+                f"--max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}"
+            )
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.data_dir and self.dataset == "omniglot":
+            if not pathlib.Path(self.data_dir).is_file():
+                raise ValueError(f"--data_dir {self.data_dir} is not a file")
+        if self.dataset == "mini_imagenet":
+            if self.data_dir and not pathlib.Path(self.data_dir).is_dir():
+                raise ValueError(f"--data_dir {self.data_dir} is not a folder")
+            if not self.data_dir and tf_imaml.mini_imagenet.default_path() is None:
+                raise ValueError(
+                    "--dataset=mini_imagenet needs --data_dir (no ../shared/data/mini_imagenet)"
+                )
         if self.init_model and not pathlib.Path(self.init_model).is_file():
             raise ValueError(f"--init_model {self.init_model} is not a file")
 
 
 def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta_model.MetaLearner:
     """The algorithm named by `config.algorithm` around `learner`."""
-    common = dict(inner_steps=config.inner_steps, inner_learning_rate=config.inner_learning_rate)
+    common = dict(
+        inner_steps=config.inner_steps,
+        inner_learning_rate=config.inner_learning_rate,
+        on_failure=config.on_failure,
+    )
     if config.algorithm in ("imaml", "imaml_hf"):
         extra = {"inner_optimizer": "hessian_free"} if config.algorithm == "imaml_hf" else {}
         return tf_imaml.ImplicitMAML(
@@ -111,9 +172,51 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
     return tf_imaml.Reptile(learner, **common)
 
 
-def episodes(config: TrainConfig, data, *, seed: int, num_tasks: int | None, batch: int):
-    """Seeded episodes of `data` (rotations as new classes, as is usual for Omniglot)."""
+def image_size(config: TrainConfig) -> int:
+    if config.image_size is not None:
+        return config.image_size
+    return 84 if config.dataset == "mini_imagenet" else 28
+
+
+def load_data(config: TrainConfig) -> dict:
+    """The train, val and test subsets of the configured dataset."""
+    if config.dataset == "mini_imagenet":
+        return {
+            s: tf_imaml.mini_imagenet.load_mini_imagenet(s, path=config.data_dir)
+            for s in ("train", "val", "test")
+        }
+    load = dict(split=config.split, image_size=image_size(config), path=config.data_dir)
+    return {s: tf_imaml.datasets.load_omniglot(s, **load) for s in ("train", "val", "test")}
+
+
+def build_learner(config: TrainConfig) -> keras.Model:
+    """The conv net of the MAML papers for the configured dataset."""
+    size = image_size(config)
+    if config.dataset == "mini_imagenet":
+        return tf_imaml.models.conv4_classifier(
+            config.ways, input_shape=(size, size, 3), filters=32, pooling="max"
+        )
+    return tf_imaml.models.conv4_classifier(config.ways, input_shape=(size, size, 1))
+
+
+def episodes(
+    config: TrainConfig, data, *, seed: int, num_tasks: int | None, batch: int, first_batch=0
+):
+    """Seeded episodes of `data` (Omniglot: rotations as new classes, as is usual)."""
     num_batches = None if num_tasks is None else -(-num_tasks // batch)
+    common = dict(num_batches=num_batches, first_batch=first_batch)
+    if config.dataset == "mini_imagenet":
+        return tf_imaml.episodes.jpeg_few_shot_episodes(
+            data.images,
+            data.labels,
+            ways=config.ways,
+            shots=config.shots,
+            queries=config.queries,
+            meta_batch_size=batch,
+            seed=seed,
+            image_size=None if image_size(config) == 84 else image_size(config),
+            **common,
+        )
     return tf_imaml.episodes.few_shot_episodes(
         data.images,
         data.labels,
@@ -123,8 +226,24 @@ def episodes(config: TrainConfig, data, *, seed: int, num_tasks: int | None, bat
         meta_batch_size=batch,
         seed=seed,
         rotations=(0, 90, 180, 270),
-        num_batches=num_batches,
+        **common,
     )
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def resumed_epoch(backup_dir: pathlib.Path) -> int:
+    """The epoch `BackupAndRestore` will resume at (0 for a fresh run)."""
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.is_file():
+        return 0
+    return int(json.loads(metadata.read_text())["epoch"])
 
 
 def train(config: TrainConfig, *, verbose: int = 1) -> dict:
@@ -133,39 +252,69 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     logdir = pathlib.Path(config.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
-    load = dict(split=config.split, image_size=config.image_size, path=config.data_dir)
-    data = {s: tf_imaml.datasets.load_omniglot(s, **load) for s in ("train", "val", "test")}
+    # Same seed, same episodes, same weights: TensorFlow's CPU kernels are deterministic
+    # once op determinism is on (it costs little here; see README "Reliability").
+    tf.config.experimental.enable_op_determinism()
+    strategy = make_strategy(config.strategy)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if (
+        resolver is not None
+        and resolver.task_type not in (None, "chief")
+        and (resolver.task_type != "worker" or resolver.task_id != 0)
+    ):
+        # Only the chief (or worker 0) writes the run; the others keep their own copy.
+        logdir = logdir / f"{resolver.task_type}_{resolver.task_id}"
+        logdir.mkdir(parents=True, exist_ok=True)
+    data = load_data(config)
     (logdir / "split.json").write_text(
         json.dumps(
-            {s: d.class_names.tolist() for s, d in data.items()} | {"split": config.split}, indent=1
+            {s: d.class_names.tolist() for s, d in data.items()}
+            | {"dataset": config.dataset, "split": config.split},
+            indent=1,
         )
     )
-    if config.init_model:
-        meta = keras.models.load_model(config.init_model)
-    else:
-        learner = tf_imaml.models.conv4_classifier(
-            config.ways, input_shape=(config.image_size, config.image_size, 1)
-        )
-        meta = build_meta_model(config, learner)
-        meta.compile(
-            optimizer=keras.optimizers.Adam(config.outer_learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["sparse_categorical_accuracy"],
-        )
+    with strategy.scope():
+        if config.init_model:
+            meta = keras.models.load_model(config.init_model)
+        else:
+            learner = build_learner(config)
+            meta = build_meta_model(config, learner)
+            meta.compile(
+                optimizer=keras.optimizers.Adam(config.outer_learning_rate),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["sparse_categorical_accuracy"],
+            )
     with tf.summary.create_file_writer(str(logdir / "hparams")).as_default():
         hparams_api.hparams(
             {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
             trial_id=logdir.name,
         )
     eval_batch = min(config.meta_batch_size, 20)
+    # A resumed run continues the episode stream where its checkpoint left it.
+    first_batch = resumed_epoch(logdir / "backup") * config.steps_per_epoch
     train_data = episodes(
-        config, data["train"], seed=config.seed, num_tasks=None, batch=config.meta_batch_size
+        config,
+        data["train"],
+        seed=config.seed,
+        num_tasks=None,
+        batch=config.meta_batch_size,
+        first_batch=first_batch,
     )
     val_data = episodes(
         config, data["val"], seed=config.seed + 1, num_tasks=config.val_tasks, batch=eval_batch
     )
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Each worker takes its share of every meta-batch (not whole meta-batches in turn).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        train_data = train_data.with_options(options)
+        val_data = val_data.with_options(options)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(logdir / "backup")),
+        # First, so that a diverged epoch is not written over the last good checkpoint.
+        tf_imaml.callbacks.DivergenceGuard(max_skipped_fraction=config.max_skipped_fraction),
+        keras.callbacks.BackupAndRestore(str(logdir / "backup"), double_checkpoint=True),
         keras.callbacks.TensorBoard(str(logdir), update_freq=10),
         keras.callbacks.ModelCheckpoint(str(logdir / "model.keras")),
     ]
@@ -221,14 +370,20 @@ def main(argv):
         logdir=_LOGDIR.value,
         init_model=_INIT_MODEL.value,
         seed=_SEED.value,
+        strategy=_STRATEGY.value,
+        on_failure=_ON_FAILURE.value,
+        max_skipped_fraction=_MAX_SKIPPED.value,
     )
     try:
         config.validate()
     except ValueError as err:
         raise app.UsageError(str(err)) from None
-    result = train(config)
+    try:
+        result = train(config)
+    except tf_imaml.callbacks.TrainingDiverged as err:
+        raise SystemExit(f"training diverged: {err}") from None
     print(
-        f"{config.algorithm} Omniglot {config.ways}-way {config.shots}-shot: test accuracy "
+        f"{config.algorithm} {config.dataset} {config.ways}-way {config.shots}-shot: test accuracy "
         f"{100 * result['test_accuracy']:.2f} +- {100 * result['test_ci95']:.2f}% over "
         f"{result['test_tasks']} tasks ({config.meta_steps} meta-steps, "
         f"{result['train_seconds']:.0f} s); results in {config.logdir}/results.json"

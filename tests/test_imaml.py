@@ -124,8 +124,12 @@ def test_non_finite_inputs_raise_before_any_weight_changes():
     meta = _ridge_meta(learner, inner_steps=4)
     before = learner.trainable_variables[0].numpy()
     bad = tf.tensor_scatter_nd_update(sx, [[1, 2, 0]], tf.constant([np.nan], tf.float64))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="support_x has non-finite"):
+    # Arrays are checked before anything runs; a dataset's values inside the step.
+    with pytest.raises(ValueError, match=r"support_x has non-finite values .* task\(s\) \[1\]"):
         meta.train_on_batch((bad, sy, qx), qy)
+    dataset = tf.data.Dataset.from_tensors(((bad, sy, qx), qy))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="support_x has non-finite"):
+        meta.fit(dataset, verbose=0)
     np.testing.assert_array_equal(learner.trainable_variables[0].numpy(), before)
 
 
@@ -142,10 +146,17 @@ def test_bad_episodes_raise_clear_errors():
         meta.train_on_batch((sx, np.zeros((2, 4), "int32"), sx), sy)
     with pytest.raises(ValueError, match="different numbers of tasks"):
         meta.train_on_batch((sx, sy, sx[:1]), sy[:1])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="labels >= 3"):
+    with pytest.raises(ValueError, match=r"query_y has class labels outside \[0, 3\)"):
         meta.train_on_batch((sx, sy, sx), sy + 3)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="negative class labels"):
+    with pytest.raises(ValueError, match=r"support_y has class labels outside \[0, 3\)"):
         meta.train_on_batch((sx, sy - 1, sx), sy)
+    # The same episodes from a dataset fail inside the step, before the weights move.
+    for episode, message in (
+        (((sx, sy, sx), sy + 3), "labels >= 3"),
+        (((sx, sy - 1, sx), sy), "negative class labels"),
+    ):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            meta.fit(tf.data.Dataset.from_tensors(episode), verbose=0)
     for variable, value in zip(learner.trainable_variables, before, strict=True):
         np.testing.assert_array_equal(variable.numpy(), value)
 

@@ -64,3 +64,45 @@ def test_bad_flags_fail_before_any_work(args, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def _write_mini_imagenet(folder, size=16, per_class=4):
+    """A tiny mini-ImageNet in the JPEG-bytes .npz form: 3 classes per subset."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    wnids = np.array([f"n{i:08d}" for i in range(9)])
+    for s, subset in enumerate(("train", "val", "test")):
+        encoded, labels = [], []
+        for c in range(3 * s, 3 * s + 3):
+            for _ in range(per_class):
+                image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                encoded.append(tf.io.encode_jpeg(image).numpy())
+                labels.append(c)
+        np.savez(
+            folder / f"mini_imagenet_84x84_jpeg_{subset}.npz",
+            jpeg_bytes=np.frombuffer(b"".join(encoded), np.uint8),
+            offsets=np.concatenate([[0], np.cumsum([len(e) for e in encoded])]),
+            labels=np.array(labels, np.int16),
+            class_wnids=wnids,
+        )
+
+
+def test_train_on_mini_imagenet_from_a_folder(tmp_path):
+    data = tmp_path / "mini"
+    data.mkdir()
+    _write_mini_imagenet(data)
+    proc = _run(
+        "--dataset=mini_imagenet",
+        f"--data_dir={data}",
+        "--image_size=16",
+        "--ways=3",
+        f"--logdir={tmp_path / 'run'}",
+        "--algorithm=fomaml",
+        *[a for a in TINY if not a.startswith("--image_size")],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"fomaml mini_imagenet 3-way 1-shot: test accuracy", proc.stdout)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["dataset"] == "mini_imagenet" and len(split["train"]) == 3

@@ -7,6 +7,8 @@ The functional core (pure functions over task-batched lists of tensors):
 """
 
 from tf_imaml import baselines
+from tf_imaml import batched
+from tf_imaml import callbacks
 from tf_imaml import datasets
 from tf_imaml import episodes
 from tf_imaml import evaluation
@@ -17,6 +19,7 @@ from tf_imaml import inner_solvers
 from tf_imaml import layers
 from tf_imaml import linear_solve
 from tf_imaml import meta_model
+from tf_imaml import mini_imagenet
 from tf_imaml import models
 from tf_imaml import problems
 from tf_imaml import tree
@@ -43,6 +46,8 @@ __all__ = [
     "Reptile",
     "attach_implicit_gradient",
     "baselines",
+    "batched",
+    "callbacks",
     "datasets",
     "episodes",
     "evaluation",
@@ -53,6 +58,7 @@ __all__ = [
     "layers",
     "linear_solve",
     "meta_model",
+    "mini_imagenet",
     "minimize_proximal",
     "models",
     "problems",

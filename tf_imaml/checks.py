@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -20,9 +21,25 @@ def _static_value(value):
     return tf.get_static_value(value)
 
 
+def _check_real(name: str, static) -> None:
+    """Raises `TypeError` unless `static` is a real number (bools and strings are not)."""
+    if isinstance(static, (bool, np.bool_)) or not (
+        isinstance(static, numbers.Real)
+        or (isinstance(static, np.ndarray) and np.issubdtype(static.dtype, np.number))
+    ):
+        raise TypeError(f"{name} must be a real number, got {static!r} ({type(static).__name__})")
+
+
 def check_positive(name: str, value) -> None:
-    """Raises `ValueError` unless `value > 0` (a graph assertion when not known yet)."""
+    """Raises `ValueError` unless `value > 0` (a graph assertion when not known yet).
+
+    A value that is not a real number (a string, a bool) raises `TypeError`.
+    """
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        _check_real(name, value)
     static = _static_value(value)
+    if static is not None:
+        _check_real(name, static)
     if static is None:
         tf.debugging.assert_positive(value, message=f"{name} must be > 0")
         return
@@ -31,8 +48,15 @@ def check_positive(name: str, value) -> None:
 
 
 def check_non_negative(name: str, value) -> None:
-    """Raises `ValueError` unless `value >= 0` (a graph assertion when not known yet)."""
+    """Raises `ValueError` unless `value >= 0` (a graph assertion when not known yet).
+
+    A value that is not a real number (a string, a bool) raises `TypeError`.
+    """
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        _check_real(name, value)
     static = _static_value(value)
+    if static is not None:
+        _check_real(name, static)
     if static is None:
         tf.debugging.assert_non_negative(value, message=f"{name} must be >= 0")
         return
