@@ -22,8 +22,10 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -402,6 +404,8 @@ def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> s
 
 def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
     """Time and peak memory against K, one line per algorithm (Figure 2b of the paper)."""
+    if not rows:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,7 +436,12 @@ def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
     for ax in (ax_time, ax_mem):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Meta-step on Omniglot 5-way 1-shot, conv net, meta-batch 32 (2-core CPU)")
+    c = next(r["config"] for r in rows)
+    fig.suptitle(
+        f"Meta-step on Omniglot {c['ways']}-way {c['shots']}-shot, {c['queries']} queries per "
+        f"class, conv net ({c['filters']} filters), meta-batch {c['meta_batch_size']}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     fig.tight_layout()
     fig.savefig(output_dir / "benchmark.png", dpi=110)
     plt.close(fig)
@@ -509,7 +518,7 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
         repeats=_REPEATS.value,
         warmup=_WARMUP.value,
-        episodes=str(output_dir / "episodes.npz"),
+        episodes=str(pathlib.Path(tempfile.mkdtemp(prefix="tf_imaml_benchmark_")) / "episodes.npz"),
     )
     configs = plan(base)  # Flag errors before anything is written.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -545,6 +554,7 @@ def main(argv):
             flush=True,
         )
     machine["end"] = machine_throughput()
+    shutil.rmtree(pathlib.Path(base.episodes).parent, ignore_errors=True)
     (output_dir / "results.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=1)
     )
