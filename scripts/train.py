@@ -204,29 +204,22 @@ def episodes(
 ):
     """Seeded episodes of `data` (Omniglot: rotations as new classes, as is usual)."""
     num_batches = None if num_tasks is None else -(-num_tasks // batch)
-    common = dict(num_batches=num_batches, first_batch=first_batch)
-    if config.dataset == "mini_imagenet":
-        return tf_imaml.episodes.jpeg_few_shot_episodes(
-            data.images,
-            data.labels,
-            ways=config.ways,
-            shots=config.shots,
-            queries=config.queries,
-            meta_batch_size=batch,
-            seed=seed,
-            image_size=None if image_size(config) == 84 else image_size(config),
-            **common,
-        )
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
+    common = dict(
         ways=config.ways,
         shots=config.shots,
         queries=config.queries,
         meta_batch_size=batch,
         seed=seed,
-        rotations=(0, 90, 180, 270),
-        **common,
+        num_batches=num_batches,
+        first_batch=first_batch,
+    )
+    if config.dataset == "mini_imagenet":
+        size = image_size(config)
+        return tf_imaml.episodes.jpeg_few_shot_episodes(
+            data.images, data.labels, image_size=None if size == 84 else size, **common
+        )
+    return tf_imaml.episodes.few_shot_episodes(
+        data.images, data.labels, rotations=(0, 90, 180, 270), **common
     )
 
 

@@ -82,7 +82,7 @@ def _class_table(labels: np.ndarray) -> tuple[np.ndarray, _ClassTable]:
     return classes, _ClassTable(np.argsort(inverse, kind="stable"), starts, counts)
 
 
-def _check_few_shot_inputs(images, labels, ways, shots, queries, meta_batch_size, seed, rotations):
+def _check_counts_and_labels(labels, ways, shots, queries, meta_batch_size, seed):
     for name, value in [
         ("ways", ways),
         ("shots", shots),
@@ -91,12 +91,16 @@ def _check_few_shot_inputs(images, labels, ways, shots, queries, meta_batch_size
     ]:
         _check_count(name, value)
     _check_count("seed", seed, minimum=0)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+
+
+def _check_few_shot_inputs(images, labels, ways, shots, queries, meta_batch_size, seed, rotations):
+    _check_counts_and_labels(labels, ways, shots, queries, meta_batch_size, seed)
     if images.ndim not in (3, 4):
         raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
     if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
         raise ValueError(f"images must be numeric, got dtype {images.dtype}")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
         raise ValueError(f"images and labels differ in length: {len(images)} != {len(labels)}")
     if not rotations or len(set(rotations)) != len(rotations):
@@ -380,19 +384,10 @@ def jpeg_few_shot_episodes(
       ValueError: As `few_shot_episodes`, or if `images` and `labels` differ in length.
     """
     labels = np.asarray(labels)
-    for name, value in [
-        ("ways", ways),
-        ("shots", shots),
-        ("queries", queries),
-        ("meta_batch_size", meta_batch_size),
-    ]:
-        _check_count(name, value)
-    _check_count("seed", seed, minimum=0)
+    _check_counts_and_labels(labels, ways, shots, queries, meta_batch_size, seed)
     _check_num_batches(num_batches)
     if image_size is not None:
         _check_count("image_size", image_size)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
         raise ValueError(f"images and labels differ in length: {len(images)} != {len(labels)}")
     sample = _episode_sampler(
