@@ -66,7 +66,8 @@ class MAML(_GradientDescentAdaptation):
         Default value: `False`.
       on_failure: See `MetaLearner`; a MAML task "fails" only with non-finite values.
         Default value: `"drop"`.
-      task_batching: See `MetaLearner`. Default value: `"auto"`.
+      task_batching: See `MetaLearner`; `"auto"` is `"per_task"` for second-order MAML.
+        Default value: `"auto"`.
       name: Model name. Default value: `None`.
     """
 
@@ -90,6 +91,11 @@ class MAML(_GradientDescentAdaptation):
             name=name,
         )
         self.first_order = bool(first_order)
+        if task_batching == "auto" and not self.first_order:
+            # Second-order MAML through 32 tasks' unstacked convolutions fails in TF 2.21's
+            # while-loop gradient (a TemporaryVariable of AddN goes missing; measured with
+            # scripts/benchmark.py at meta-batch 32); task by task it works.
+            self._batch_support = False
 
     def _meta_gradient(self, theta, support_loss_fn, query_loss_fn):
         with tf.GradientTape() as tape:
