@@ -382,7 +382,7 @@ def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> s
             c, m = r["config"], r["result"]
             if "error" in m:
                 rate = pct = "—"
-                step = m["error"]
+                step = m["error"] if len(m["error"]) < 80 else m["error"][:77] + "..."
             else:
                 rate_value = r["useful_gflop"] / m["step_s"]
                 rate = f"{rate_value:.1f}"
