@@ -41,7 +41,7 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
         (r["sweep"], r["config"]["algorithm"], r["config"]["inner_steps"]): r
         for r in results["rows"]
     }
-    assert len(rows) == 6
+    assert len(rows) == 7  # The batch-size row is the K = 1 row, measured once.
     for row in results["rows"]:
         assert row["result"]["step_s"] > 0 and row["result"]["peak_memory_mb"] > 100
         assert row["useful_gflop"] > 0
