@@ -39,8 +39,9 @@ class DivergenceGuard(keras.callbacks.Callback):
         if steps and skipped is not None and float(skipped) / steps > self.max_skipped_fraction:
             raise TrainingDiverged(
                 f"epoch {epoch + 1}: {float(skipped):.0f} of {steps} meta-steps were skipped "
-                "(no task had a finite meta-gradient); training stopped, the last checkpoint "
-                "is from the epoch before. Lower the inner learning rate or raise lam."
+                "(every task failed: non-finite values, or an indefinite or unsolved linear "
+                "system); training stopped, the last checkpoint is from the epoch before. Lower "
+                "the inner learning rate, raise lam, or use on_failure='first_order'."
             )
         bad = [
             v.path
