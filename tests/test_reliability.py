@@ -157,8 +157,9 @@ def test_same_seed_same_episodes_same_metrics_and_weights():
         np.testing.assert_array_equal(got, want)
     assert runs[0][1] == runs[1][1]
     data = tf_imaml.datasets.load_omniglot("val", image_size=14)
-    episodes = [
-        list(
+
+    def stream(num_batches, first_batch=0):
+        return list(
             tf_imaml.episodes.few_shot_episodes(
                 data.images,
                 data.labels,
@@ -167,29 +168,16 @@ def test_same_seed_same_episodes_same_metrics_and_weights():
                 queries=2,
                 meta_batch_size=2,
                 seed=7,
-                num_batches=3,
+                num_batches=num_batches,
+                first_batch=first_batch,
             ).as_numpy_iterator()
         )
-        for _ in range(2)
-    ]
+
+    episodes = [stream(3) for _ in range(2)]
     for a, b in zip(*episodes, strict=True):
         for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True):
             np.testing.assert_array_equal(x, y)
     # A stream resumed at batch 2 is the uninterrupted stream's third element.
-    resumed = next(
-        iter(
-            tf_imaml.episodes.few_shot_episodes(
-                data.images,
-                data.labels,
-                ways=5,
-                shots=1,
-                queries=2,
-                meta_batch_size=2,
-                seed=7,
-                num_batches=1,
-                first_batch=2,
-            ).as_numpy_iterator()
-        )
-    )
+    (resumed,) = stream(1, first_batch=2)
     for x, y in zip(tf.nest.flatten(resumed), tf.nest.flatten(episodes[0][2]), strict=True):
         np.testing.assert_array_equal(x, y)
