@@ -22,6 +22,7 @@ from tf_imaml import meta_model
 from tf_imaml import mini_imagenet
 from tf_imaml import models
 from tf_imaml import problems
+from tf_imaml import reporting
 from tf_imaml import tree
 from tf_imaml import unrolled
 from tf_imaml.baselines import MAML
@@ -62,6 +63,7 @@ __all__ = [
     "minimize_proximal",
     "models",
     "problems",
+    "reporting",
     "proximal_adapt",
     "solve_cg",
     "solve_cg_tf",
