@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -84,10 +85,12 @@ def train(config: SinusoidConfig, *, verbose: int = 2) -> dict:
         seed=config.seed + 10_000,
         num_batches=config.eval_tasks // eval_batch,
     )
+    epochs = min(10, config.meta_steps)
     callbacks = []
     if config.log_dir:
-        callbacks.append(keras.callbacks.TensorBoard(config.log_dir, update_freq=50))
-    epochs = min(10, config.meta_steps)
+        # update_freq must divide the steps per epoch, or Keras 3.15 drops the epoch scalars.
+        freq = math.gcd(50, config.meta_steps // epochs)
+        callbacks.append(keras.callbacks.TensorBoard(config.log_dir, update_freq=freq))
     start = time.time()
     meta.fit(
         train_data,

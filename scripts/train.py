@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -308,7 +309,9 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
         # First, so that a diverged epoch is not written over the last good checkpoint.
         tf_imaml.callbacks.DivergenceGuard(max_skipped_fraction=config.max_skipped_fraction),
         keras.callbacks.BackupAndRestore(str(logdir / "backup"), double_checkpoint=True),
-        keras.callbacks.TensorBoard(str(logdir), update_freq=10),
+        # Keras 3.15 writes the epoch scalars only when the global step at the epoch's end is
+        # a multiple of update_freq (measured), so update_freq must divide steps_per_epoch.
+        keras.callbacks.TensorBoard(str(logdir), update_freq=math.gcd(10, config.steps_per_epoch)),
         keras.callbacks.ModelCheckpoint(str(logdir / "model.keras")),
     ]
     start = time.time()

@@ -20,3 +20,32 @@ def run(request):
 
     call.mode = request.param
     return call
+
+
+@pytest.fixture
+def tiny_mini_imagenet(tmp_path):
+    """A folder holding a tiny mini-ImageNet in the JPEG-bytes .npz form.
+
+    3 classes per subset (train, val, test), 4 random 16x16 RGB images per class.
+    """
+    import numpy as np
+
+    folder = tmp_path / "mini_imagenet"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    wnids = np.array([f"n{i:08d}" for i in range(9)])
+    for s, subset in enumerate(("train", "val", "test")):
+        encoded, labels = [], []
+        for c in range(3 * s, 3 * s + 3):
+            for _ in range(4):
+                image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                encoded.append(tf.io.encode_jpeg(image).numpy())
+                labels.append(c)
+        np.savez(
+            folder / f"mini_imagenet_84x84_jpeg_{subset}.npz",
+            jpeg_bytes=np.frombuffer(b"".join(encoded), np.uint8),
+            offsets=np.concatenate([[0], np.cumsum([len(e) for e in encoded])]),
+            labels=np.array(labels, np.int16),
+            class_wnids=wnids,
+        )
+    return folder

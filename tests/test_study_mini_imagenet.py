@@ -1,0 +1,66 @@
+"""Smoke tests of scripts/study_mini_imagenet.py on a tiny generated mini-ImageNet."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "study_mini_imagenet.py"), *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+        check=False,
+    )
+
+
+def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet, tmp_path):
+    args = [
+        f"--data_dir={tiny_mini_imagenet}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--algorithms=imaml",
+        "--image_size=16",
+        "--ways=3",
+        "--queries=2",
+        "--meta_batch_size=2",
+        "--meta_steps=2",
+        "--steps_per_epoch=1",
+        "--inner_steps=1",
+        "--val_tasks=2",
+        "--test_tasks=4",
+    ]
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    table = (out / "mini_imagenet.md").read_text()
+    assert "mini-ImageNet 3-way 1-shot" in table and "| iMAML-GD | " in table
+    assert "| 2 x 2 |" in table
+    (record,) = json.loads((out / "mini_imagenet.json").read_text())["records"]
+    assert record["test_tasks"] == 4 and 0.0 <= record["test_accuracy"] <= 1.0
+    # Two epochs: one validation accuracy and one failed fraction per epoch, from TensorBoard.
+    assert len(record["val_accuracy"]) == 2 and len(record["failed_fraction"]) == 2
+    assert record["reused"] is False
+    assert (out / "mini_imagenet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train_args = (out / "runs" / "imaml" / "results.json").read_text()
+    assert "--dataset=mini_imagenet" in train_args and "--lam=0.5" in train_args
+
+    # The same flags again: the finished run is read back, not trained again.
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = json.loads((out / "mini_imagenet.json").read_text())["records"]
+    assert again["reused"] is True and again["test_accuracy"] == record["test_accuracy"]
+
+
+def test_bad_flags_fail_before_any_work(tmp_path):
+    proc = _run("--algorithms=imaml,sgd", f"--output_dir={tmp_path / 'o'}")
+    assert proc.returncode != 0 and "--algorithms must be some of" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = _run("--meta_steps=10", "--steps_per_epoch=3", f"--output_dir={tmp_path / 'o'}")
+    assert proc.returncode != 0 and "must be a multiple of --steps_per_epoch" in proc.stderr
