@@ -63,6 +63,13 @@ _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps.", lower_bou
 _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size.")
 _LAM = flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "iMAML conjugate-gradient steps.", lower_bound=1)
+_CURVATURE_ITERATIONS = flags.DEFINE_integer(
+    "curvature_iterations",
+    0,
+    "iMAML: Lanczos iterations for the min_curvature / indefinite_fraction metrics "
+    "(smallest eigenvalue of I + H/lam per task); 0 = off.",
+    lower_bound=0,
+)
 _OUTER_LR = flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.")
 _META_STEPS = flags.DEFINE_integer("meta_steps", 1000, "Meta-training steps.", lower_bound=1)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
@@ -110,6 +117,7 @@ class TrainConfig:
     inner_learning_rate: float = 0.1
     lam: float = 2.0
     cg_steps: int = 5
+    curvature_iterations: int = 0
     outer_learning_rate: float = 1e-3
     meta_steps: int = 1000
     steps_per_epoch: int = 50
@@ -166,7 +174,12 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
     if config.algorithm in ("imaml", "imaml_hf"):
         extra = {"inner_optimizer": "hessian_free"} if config.algorithm == "imaml_hf" else {}
         return tf_imaml.ImplicitMAML(
-            learner, lam=config.lam, cg_steps=config.cg_steps, **common, **extra
+            learner,
+            lam=config.lam,
+            cg_steps=config.cg_steps,
+            curvature_iterations=config.curvature_iterations,
+            **common,
+            **extra,
         )
     if config.algorithm in ("maml", "fomaml"):
         return tf_imaml.MAML(learner, first_order=config.algorithm == "fomaml", **common)
@@ -358,6 +371,7 @@ def main(argv):
         inner_learning_rate=_INNER_LR.value,
         lam=_LAM.value,
         cg_steps=_CG_STEPS.value,
+        curvature_iterations=_CURVATURE_ITERATIONS.value,
         outer_learning_rate=_OUTER_LR.value,
         meta_steps=_META_STEPS.value,
         steps_per_epoch=_STEPS_PER_EPOCH.value,

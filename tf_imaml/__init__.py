@@ -3,12 +3,14 @@
 Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
 
 The functional core (pure functions over task-batched lists of tensors):
-`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`. Keras pieces: `layers`, `models`.
+`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. Keras pieces:
+`layers`, `models`.
 """
 
 from tf_imaml import baselines
 from tf_imaml import batched
 from tf_imaml import callbacks
+from tf_imaml import curvature
 from tf_imaml import datasets
 from tf_imaml import episodes
 from tf_imaml import evaluation
@@ -27,6 +29,8 @@ from tf_imaml import tree
 from tf_imaml import unrolled
 from tf_imaml.baselines import MAML
 from tf_imaml.baselines import Reptile
+from tf_imaml.curvature import lanczos_extreme_eigenvalues
+from tf_imaml.curvature import proximal_curvature
 from tf_imaml.imaml import ImplicitMAML
 from tf_imaml.implicit import attach_implicit_gradient
 from tf_imaml.implicit import implicit_meta_gradient
@@ -49,6 +53,7 @@ __all__ = [
     "baselines",
     "batched",
     "callbacks",
+    "curvature",
     "datasets",
     "episodes",
     "evaluation",
@@ -56,11 +61,13 @@ __all__ = [
     "implicit",
     "implicit_meta_gradient",
     "inner_solvers",
+    "lanczos_extreme_eigenvalues",
     "layers",
     "linear_solve",
     "meta_model",
     "mini_imagenet",
     "minimize_proximal",
+    "proximal_curvature",
     "models",
     "problems",
     "reporting",

@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from tf_imaml import checks
+from tf_imaml import curvature
 from tf_imaml import hessian_free
 from tf_imaml import hvp as hvp_lib
 from tf_imaml import implicit
@@ -64,6 +65,13 @@ class ImplicitMAML(meta_model.MetaLearner):
       hvp_mode: `"linearized"` (the support gradient at `phi` recorded once, each CG
         iteration only differentiates it again), `"reverse_over_reverse"` or
         `"forward_over_reverse"`; see `tf_imaml.hvp`. Default value: `"linearized"`.
+      curvature_iterations: When `> 0`, `train_step` also estimates, per task, the smallest
+        eigenvalue of `I + H/lam` at `phi` by this many Lanczos iterations
+        (`tf_imaml.curvature.proximal_curvature`, without `damping`) and logs
+        `min_curvature` (its mean over tasks) and `indefinite_fraction` (the fraction of
+        tasks where it is negative: `H` has an eigenvalue below `-lam`, certainly, since
+        Lanczos estimates it from above). Each iteration costs about one Hessian-vector
+        product. Default value: `0` (off).
       on_failure: See `MetaLearner`. Default value: `"drop"`.
       task_batching: See `MetaLearner`. Default value: `"auto"`.
       name: Model name. Default value: `None`.
@@ -89,6 +97,7 @@ class ImplicitMAML(meta_model.MetaLearner):
         cg_tol: float = 1e-10,
         max_residual: float = 1.0,
         hvp_mode: str = "linearized",
+        curvature_iterations: int = 0,
         on_failure: str = "drop",
         task_batching: str = "auto",
         name: str | None = None,
@@ -113,6 +122,14 @@ class ImplicitMAML(meta_model.MetaLearner):
         checks.check_non_negative("damping", damping)
         checks.check_non_negative("cg_tol", cg_tol)
         checks.check_positive("max_residual", max_residual)
+        if (
+            isinstance(curvature_iterations, bool)
+            or not isinstance(curvature_iterations, int)
+            or curvature_iterations < 0
+        ):
+            raise ValueError(
+                f"curvature_iterations must be an int >= 0, got {curvature_iterations!r}"
+            )
         self.lam = float(lam)
         self.cg_steps = cg_steps
         self.inner_optimizer = inner_optimizer
@@ -124,6 +141,10 @@ class ImplicitMAML(meta_model.MetaLearner):
         self.cg_tol = float(cg_tol)
         self.max_residual = float(max_residual)
         self.hvp_mode = hvp_mode
+        self.curvature_iterations = curvature_iterations
+        if curvature_iterations:
+            for metric_name in ("min_curvature", "indefinite_fraction"):
+                self._trackers[metric_name] = keras.metrics.Mean(name=metric_name)
         self._inner = _make_inner_optimizer(inner_optimizer, inner_learning_rate, inner_momentum)
 
     def _inner_solve(self, theta, support_loss_fn):
@@ -162,6 +183,15 @@ class ImplicitMAML(meta_model.MetaLearner):
             hvp_mode=self.hvp_mode,
         )
         solve = result.solve
+        min_curvature = None
+        if self.curvature_iterations:
+            min_curvature = curvature.proximal_curvature(
+                support_loss_fn,
+                phi,
+                lam=self.lam,
+                num_iter=self.curvature_iterations,
+                hvp_mode=self.hvp_mode,
+            ).min_eigenvalue
         return meta_model.AdaptResult(
             meta_grads=result.meta_grads,
             fallback_grads=query_grads,
@@ -171,6 +201,7 @@ class ImplicitMAML(meta_model.MetaLearner):
             solver_residual=solve.relative_residual,
             solver_iterations=tf.cast(solve.num_iterations, query_loss.dtype),
             failed=solve.failed,
+            min_curvature=min_curvature,
         )
 
     def get_config(self):
@@ -187,6 +218,7 @@ class ImplicitMAML(meta_model.MetaLearner):
             cg_tol=self.cg_tol,
             max_residual=self.max_residual,
             hvp_mode=self.hvp_mode,
+            curvature_iterations=self.curvature_iterations,
         )
         return config
 

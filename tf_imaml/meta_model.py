@@ -52,6 +52,7 @@ class TaskOutputs(NamedTuple):
     solver_residual: tf.Tensor  # [T] relative residual of the linear solve (0 if none).
     solver_iterations: tf.Tensor  # [T] float, iterations of the linear solve (0 if none).
     failed: tf.Tensor  # [T] bool: the task's meta-gradient is not to be trusted.
+    min_curvature: tf.Tensor  # [T] Lanczos min eigenvalue of I + H/lam at phi (0 if none).
 
 
 class AdaptResult(NamedTuple):
@@ -65,6 +66,7 @@ class AdaptResult(NamedTuple):
     solver_residual: tf.Tensor  # [T] relative residual of a linear solve, else zeros.
     solver_iterations: tf.Tensor  # [T] float iterations of a linear solve, else zeros.
     failed: tf.Tensor  # [T] bool.
+    min_curvature: tf.Tensor | None = None  # [T] min eigenvalue of I + H/lam, if estimated.
 
 
 def query_value_and_grad(query_loss_fn, params):
@@ -279,6 +281,11 @@ class MetaLearner(keras.Model):
             solver_residual=result.solver_residual,
             solver_iterations=result.solver_iterations,
             failed=result.failed,
+            min_curvature=(
+                tf.zeros_like(result.query_loss)
+                if result.min_curvature is None
+                else result.min_curvature
+            ),
         )
 
     def adapt(self, support_x, support_y) -> keras.Model:
@@ -339,6 +346,7 @@ class MetaLearner(keras.Model):
             solver_residual=tf.TensorSpec([], dtype),
             solver_iterations=tf.TensorSpec([], dtype),
             failed=tf.TensorSpec([], tf.bool),
+            min_curvature=tf.TensorSpec([], dtype),
         )
         return tf.map_fn(one, (support_x, support_y, query_x, query_y), fn_output_signature=spec)
 
@@ -369,6 +377,13 @@ class MetaLearner(keras.Model):
         self._trackers["meta_grad_norm"].update_state(
             tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
         )
+        if "min_curvature" in self._trackers:  # ImplicitMAML(curvature_iterations > 0)
+            self._trackers["min_curvature"].update_state(
+                tf.reduce_mean(out.min_curvature), sample_weight=num_tasks
+            )
+            self._trackers["indefinite_fraction"].update_state(
+                tf.reduce_mean(tf.cast(out.min_curvature < 0, num_tasks.dtype))
+            )
         logs.update({m.name: m.result() for m in self._trackers.values()})
         logs[self.skipped_steps.name] = self.skipped_steps.result()
         return self._multi_worker_logs(logs)
