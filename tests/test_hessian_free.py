@@ -49,12 +49,17 @@ def test_negative_curvature_falls_back_to_steepest_descent_and_stays_finite():
     # every CG direction has negative curvature at once.
     c, lam = 3.0, 1.0
     theta = [tf.constant([[1.0, 2.0]], tf.float64)]
-    result = hessian_free.minimize_proximal_newton(
+    traced = hessian_free.proximal_newton(
         lambda p: -0.5 * c * tree.sq_norm(p), theta, lam=lam, num_steps=2, cg_steps=3
     )
+    result = traced.inner
     assert np.isfinite(result.adapted_params[0].numpy()).all()
     # Steepest descent on an unbounded objective moves away from theta and lowers G.
     assert float(result.objective[0]) < -0.5 * c * 5.0
+    # Both directions met negative curvature at once; Hager-Zhang's bracket ran out of
+    # expansions along a line where G keeps falling: "converged" and "failed" together.
+    assert int(traced.num_negative_curvature[0]) == 2 and int(traced.num_steepest_descent[0]) == 2
+    np.testing.assert_array_equal(traced.step_status.numpy(), hessian_free.STEP_UNBOUNDED)
 
 
 def test_bad_values_raise():
@@ -65,3 +70,95 @@ def test_bad_values_raise():
         )
     with pytest.raises(ValueError, match="lam must be > 0"):
         hessian_free.minimize_proximal_newton(tree.sq_norm, params, lam=0.0, num_steps=1)
+
+
+def _barrier_loss_fn(theta):
+    """A support loss that is finite only within 0.03 of `theta` (NaN beyond).
+
+    `L = 1/2 ||phi||^2 + log(1 - 1000 ||phi - theta||^2)`: finite with a finite gradient at
+    `theta`, strongly negative curvature there (so CG falls back to `-grad G`), and NaN at
+    every step of length above 0.03: no line search can find a point that lowers `G`.
+    """
+
+    def loss_fn(params):
+        radius = tree.sq_norm(tree.sub(params, theta))
+        return 0.5 * tree.sq_norm(params) + tf.math.log(1.0 - 1e3 * radius)
+
+    return loss_fn
+
+
+def test_a_line_search_that_must_fail_is_reported_and_takes_no_step(run):
+    theta = [tf.constant([[1.0, 2.0], [-3.0, 0.5]], tf.float64)]
+    result = run(
+        lambda: hessian_free.proximal_newton(
+            _barrier_loss_fn(theta), theta, lam=1.0, num_steps=3, cg_steps=2
+        )
+    )
+    # Oracle: the construction. Every point the search tries beyond 0.03 is NaN, so
+    # Hager-Zhang reports failure; the task keeps theta and G stays at 1/2 ||theta||^2.
+    np.testing.assert_array_equal(result.step_status.numpy(), hessian_free.STEP_SEARCH_FAILED)
+    np.testing.assert_array_equal(result.num_search_failed.numpy(), [3, 3])
+    np.testing.assert_array_equal(result.step_sizes.numpy(), 0.0)
+    np.testing.assert_array_equal(result.inner.adapted_params[0].numpy(), theta[0].numpy())
+    np.testing.assert_allclose(result.objectives.numpy(), [[2.5, 4.625]] * 4, rtol=1e-15)
+    np.testing.assert_array_equal(result.num_steepest_descent.numpy(), [3, 3])
+    for field in ("num_non_descent", "num_search_not_converged", "num_non_finite"):
+        np.testing.assert_array_equal(getattr(result, field).numpy(), [0, 0], err_msg=field)
+
+
+def test_without_line_search_the_same_step_is_taken_and_reported_non_finite(run):
+    theta = [tf.constant([[1.0, 2.0]], tf.float64)]
+    result = run(
+        lambda: hessian_free.proximal_newton(
+            _barrier_loss_fn(theta), theta, lam=1.0, num_steps=1, use_line_search=False
+        )
+    )
+    assert int(result.step_status[0, 0]) == hessian_free.STEP_NON_FINITE
+    assert int(result.num_non_finite[0]) == 1 and float(result.step_sizes[0, 0]) == 1.0
+    assert np.isnan(result.objectives.numpy()[1, 0])
+
+
+def test_a_non_finite_gradient_is_a_non_descent_direction_and_phi_stays_finite():
+    # ||phi|| at phi = 0: its gradient is 0/0 = NaN, so the slope grad G . d is NaN.
+    theta = [tf.zeros([1, 2], tf.float64)]
+    result = hessian_free.proximal_newton(
+        lambda p: tf.sqrt(tree.sq_norm(p)), theta, lam=1.0, num_steps=2
+    )
+    np.testing.assert_array_equal(result.step_status.numpy(), hessian_free.STEP_NON_DESCENT)
+    assert int(result.num_non_descent[0]) == 2
+    np.testing.assert_array_equal(result.inner.adapted_params[0].numpy(), [[0.0, 0.0]])
+
+
+def test_trace_matches_separate_solves_and_counts_overshoots_on_tanh_network():
+    tasks = problems.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
+    loss_fn = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    params = problems.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
+    solve = tf.function(
+        lambda steps, line_search: hessian_free.proximal_newton(
+            loss_fn, params, lam=1.0, num_steps=steps, use_line_search=line_search
+        )
+    )
+    traced = solve(tf.constant(5), True)
+    # Oracle: the end point of a separate k-step solve (same deterministic computation).
+    for k in range(6):
+        np.testing.assert_allclose(
+            traced.objectives[k].numpy(), solve(tf.constant(k), True).inner.objective.numpy()
+        )
+    assert (np.diff(traced.objectives.numpy(), axis=0) < 0).all()
+    np.testing.assert_array_equal(traced.step_status.numpy(), hessian_free.STEP_TAKEN)
+    assert (traced.step_sizes.numpy() > 0).all()
+    # The full Newton step overshoots on task 0 (see the monotone test above) and is counted.
+    full = solve(tf.constant(1), False)
+    assert int(full.step_status[0, 0]) == hessian_free.STEP_INCREASED
+    assert int(full.num_increased[0]) == 1
+    assert float(full.objectives[1, 0]) > float(full.objectives[0, 0])
+
+
+def test_zero_steps_under_tf_function_with_unknown_task_count():
+    solve = tf.function(
+        lambda x, k: hessian_free.proximal_newton(tree.sq_norm, [x], lam=1.0, num_steps=k),
+        input_signature=[tf.TensorSpec([None, 2], tf.float64), tf.TensorSpec([], tf.int32)],
+    )
+    result = solve(tf.ones([3, 2], tf.float64), tf.constant(0))
+    assert result.step_status.shape == (0, 3) and result.objectives.shape == (1, 3)
+    np.testing.assert_array_equal(result.inner.adapted_params[0].numpy(), np.ones([3, 2]))

@@ -12,11 +12,40 @@ Probability's Hager-Zhang line search (Wolfe conditions), run for all tasks at o
 CG is `linear_solve.solve_cg`, which stops a task on curvature `p.Ap <= 0` and keeps its last
 iterate; a task whose first direction already has non-positive curvature falls back to the
 steepest-descent direction `-grad G`. A task whose line search fails takes no step.
+
+`proximal_newton` returns a `NewtonSolveResult`: the adapted parameters with the objective,
+gradient norm, step length and a status code of every step, and per-task counts of why a
+step was not taken or did not lower `G`. `minimize_proximal_newton` returns only its
+`InnerSolveResult` (the inner-solver interface of `ImplicitMAML`).
+
+Each step gets one status, the first that applies:
+
+- `STEP_NON_DESCENT`: the direction has slope `grad G . d > 0` (or a non-finite one); no
+  step length lowers `G` along it, so the search is not used (a zero slope, at a point with
+  `grad G = 0`, is a step of length 0 with status `STEP_TAKEN`). CG directions are descent
+  directions in exact arithmetic (each CG iterate lowers the quadratic model), so this
+  flags non-finite values or rounding.
+- `STEP_SEARCH_FAILED`: Hager-Zhang reported `failed` and not `converged` (the objective or
+  its gradient was not finite at the points it tried).
+- `STEP_SEARCH_NOT_CONVERGED`: Hager-Zhang stopped, neither failed nor converged, without a
+  point that meets the (approximate) Wolfe conditions within its iteration limit.
+- `STEP_NON_FINITE`: the step was taken and `G` or its gradient is not finite afterwards.
+- `STEP_INCREASED`: the step was taken and `G` rose (full Newton steps can overshoot;
+  Hager-Zhang's approximate Wolfe condition also allows a rise of up to `1e-6 |G|`).
+- `STEP_UNBOUNDED`: the step was taken, but Hager-Zhang reported both `converged` and
+  `failed`. TFP 0.25 does this when its bracket expansion (factor 5 per iteration) runs out
+  of iterations along a line on which `G` keeps falling, i.e. `G` looks unbounded below;
+  the step it returns can be enormous (about `1e34` on `-c/2 ||phi||^2`).
+- `STEP_TAKEN`: the step was taken and `G` did not rise.
+
+The first three take no step (`alpha = 0`); they and `STEP_UNBOUNDED` occur only with the
+line search.
 """
 
 from __future__ import annotations
 
 import collections
+from typing import NamedTuple
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -27,7 +56,42 @@ from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
 from tf_imaml import tree
 
+STEP_TAKEN = 0
+STEP_NON_DESCENT = 1
+STEP_SEARCH_FAILED = 2
+STEP_SEARCH_NOT_CONVERGED = 3
+STEP_NON_FINITE = 4
+STEP_INCREASED = 5
+STEP_UNBOUNDED = 6
+STEP_STATUS_NAMES = (
+    "taken",
+    "non_descent",
+    "search_failed",
+    "search_not_converged",
+    "non_finite",
+    "increased",
+    "unbounded",
+)
+
 _LineValue = collections.namedtuple("_LineValue", ["x", "f", "df"])
+
+
+class NewtonSolveResult(NamedTuple):
+    """A truncated-Newton solve with its per-step trace. `K` steps, `T` tasks."""
+
+    inner: inner_solvers.InnerSolveResult  # phi and the end-point diagnostics.
+    objectives: tf.Tensor  # [K + 1, T]: G before the first step and after each step.
+    grad_norms: tf.Tensor  # [K + 1, T]: ||grad G|| at the same points.
+    step_sizes: tf.Tensor  # [K, T]: alpha of each step (0 where no step was taken).
+    step_status: tf.Tensor  # [K, T] int32: a `STEP_*` code per step (see module doc).
+    num_negative_curvature: tf.Tensor  # [T] int32: directions whose CG met p.Ap <= 0.
+    num_steepest_descent: tf.Tensor  # [T] int32: directions replaced by -grad G.
+    num_non_descent: tf.Tensor  # [T] int32: steps with status STEP_NON_DESCENT.
+    num_search_failed: tf.Tensor  # [T] int32: steps with status STEP_SEARCH_FAILED.
+    num_search_not_converged: tf.Tensor  # [T] int32: status STEP_SEARCH_NOT_CONVERGED.
+    num_non_finite: tf.Tensor  # [T] int32: steps with status STEP_NON_FINITE.
+    num_increased: tf.Tensor  # [T] int32: steps with status STEP_INCREASED.
+    num_unbounded: tf.Tensor  # [T] int32: steps with status STEP_UNBOUNDED.
 
 
 def minimize_proximal_newton(
@@ -43,6 +107,39 @@ def minimize_proximal_newton(
 ) -> inner_solvers.InnerSolveResult:
     """Runs `num_steps` truncated-Newton steps on every task's proximal objective.
 
+    The `inner` part of `proximal_newton`; see there for the arguments.
+
+    Returns:
+      An `InnerSolveResult`, as `inner_solvers.minimize_proximal`.
+
+    Raises:
+      ValueError: If `lam <= 0`, `num_steps < 0` or `cg_steps < 1`.
+    """
+    return proximal_newton(
+        support_loss_fn,
+        meta_params,
+        lam=lam,
+        num_steps=num_steps,
+        cg_steps=cg_steps,
+        use_line_search=use_line_search,
+        hvp_mode=hvp_mode,
+        name=name or "minimize_proximal_newton",
+    ).inner
+
+
+def proximal_newton(
+    support_loss_fn: hvp_lib.LossFn,
+    meta_params: tree.Params,
+    *,
+    lam,
+    num_steps,
+    cg_steps: int = 5,
+    use_line_search: bool = True,
+    hvp_mode: str = "reverse_over_reverse",
+    name: str | None = None,
+) -> NewtonSolveResult:
+    """Truncated-Newton steps on every task's proximal objective, with a per-step trace.
+
     Args:
       support_loss_fn: Task-batched parameters -> per-task support losses `[T]`.
       meta_params: `theta`, task-batched; the start point (no gradient flows to it).
@@ -52,10 +149,10 @@ def minimize_proximal_newton(
       use_line_search: Choose each step length by Hager-Zhang line search; otherwise take
         the full Newton step (`alpha = 1`). Default value: `True`.
       hvp_mode: See `hvp.hvp`. Default value: `"reverse_over_reverse"`.
-      name: Name scope. Default value: `None` (`"minimize_proximal_newton"`).
+      name: Name scope. Default value: `None` (`"proximal_newton"`).
 
     Returns:
-      An `InnerSolveResult`, as `inner_solvers.minimize_proximal`.
+      A `NewtonSolveResult`.
 
     Raises:
       ValueError: If `lam <= 0`, `num_steps < 0` or `cg_steps < 1`.
@@ -63,18 +160,17 @@ def minimize_proximal_newton(
     checks.check_positive("lam", lam)
     checks.check_non_negative("num_steps", num_steps)
     checks.check_positive("cg_steps", cg_steps)
-    with tf.name_scope(name or "minimize_proximal_newton"):
+    with tf.name_scope(name or "proximal_newton"):
         meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
         dtype = tree.as_list(meta_params)[0].dtype
         lam = tree.cast(lam, dtype)
+        num_steps = tf.cast(num_steps, tf.int32)
         objective_fn = inner_solvers.proximal_objective_fn(support_loss_fn, meta_params, lam)
 
         def value_and_grad(params):
             return hvp_lib.value_and_grad(objective_fn, params)
 
-        def step(i, params):
-            _, grads = value_and_grad(params)
-
+        def step(i, params, objective, grads, traces, counts):
             def matvec(v):
                 hv = hvp_lib.hvp(support_loss_fn, params, v, mode=hvp_mode)
                 return tree.axpy(lam, v, hv)
@@ -84,23 +180,76 @@ def minimize_proximal_newton(
             stalled = tree.norm(solve.solution) == 0.0
             direction = tree.where_tasks(stalled, minus_g, solve.solution)
             if use_line_search:
-                alpha = _line_search(value_and_grad, params, direction, grads)
+                alpha, status = _line_search(value_and_grad, params, direction, grads)
             else:
-                alpha = tf.ones_like(stalled, dtype)
-            return i + 1, tree.axpy(alpha, direction, params)
+                alpha = tf.ones_like(objective)
+                status = tf.fill(tf.shape(objective), STEP_TAKEN)
+            # A step not taken keeps phi as it is (even where `direction` is not finite).
+            moved = (status == STEP_TAKEN) | (status == STEP_UNBOUNDED)
+            params = tree.where_tasks(moved, tree.axpy(alpha, direction, params), params)
+            new_objective, grads = value_and_grad(params)
+            grad_norm = tree.norm(grads)
+            finite = tf.math.is_finite(new_objective) & tf.math.is_finite(grad_norm)
+            status = tf.where(moved & ~finite, STEP_NON_FINITE, status)
+            status = tf.where(moved & finite & (new_objective > objective), STEP_INCREASED, status)
+            objectives, grad_norms, step_sizes, statuses = traces
+            traces = (
+                objectives.write(i + 1, new_objective),
+                grad_norms.write(i + 1, grad_norm),
+                step_sizes.write(i + 1, alpha),
+                statuses.write(i + 1, status),
+            )
+            negative, steepest = counts
+            counts = (
+                negative + tf.cast(solve.negative_curvature, tf.int32),
+                steepest + tf.cast(stalled, tf.int32),
+            )
+            return i + 1, params, new_objective, grads, traces, counts
 
-        _, params = tf.while_loop(
-            lambda i, _: i < tf.cast(num_steps, tf.int32), step, (tf.constant(0), meta_params)
+        objective, grads = value_and_grad(meta_params)
+        num_tasks = tf.shape(objective)[0]
+        # Every trace has a row 0 (the per-step ones a dummy, dropped below), so that none
+        # is empty when num_steps = 0 (an empty TensorArray of unknown shape cannot stack).
+        traces = (
+            tf.TensorArray(dtype, size=num_steps + 1).write(0, objective),
+            tf.TensorArray(dtype, size=num_steps + 1).write(0, tree.norm(grads)),
+            tf.TensorArray(dtype, size=num_steps + 1).write(0, tf.zeros_like(objective)),
+            tf.TensorArray(tf.int32, size=num_steps + 1).write(0, tf.zeros([num_tasks], tf.int32)),
         )
-        losses = support_loss_fn(params)
-        objective, grads = value_and_grad(params)
-        return inner_solvers.InnerSolveResult(
-            params, tf.cast(num_steps, tf.int32), objective, losses, tree.norm(grads)
+        zeros = tf.zeros([num_tasks], tf.int32)
+        _, params, objective, grads, traces, counts = tf.while_loop(
+            lambda i, *_: i < num_steps,
+            step,
+            (tf.constant(0), meta_params, objective, grads, traces, (zeros, zeros)),
+        )
+        objectives, grad_norms, step_sizes, statuses = (t.stack() for t in traces)
+        step_sizes, statuses = step_sizes[1:], statuses[1:]
+
+        def count(code):
+            return tf.reduce_sum(tf.cast(statuses == code, tf.int32), axis=0)
+
+        inner = inner_solvers.InnerSolveResult(
+            params, num_steps, objective, support_loss_fn(params), tree.norm(grads)
+        )
+        return NewtonSolveResult(
+            inner=inner,
+            objectives=objectives,
+            grad_norms=grad_norms,
+            step_sizes=step_sizes,
+            step_status=statuses,
+            num_negative_curvature=counts[0],
+            num_steepest_descent=counts[1],
+            num_non_descent=count(STEP_NON_DESCENT),
+            num_search_failed=count(STEP_SEARCH_FAILED),
+            num_search_not_converged=count(STEP_SEARCH_NOT_CONVERGED),
+            num_non_finite=count(STEP_NON_FINITE),
+            num_increased=count(STEP_INCREASED),
+            num_unbounded=count(STEP_UNBOUNDED),
         )
 
 
 def _line_search(value_and_grad, params, direction, grads):
-    """Per-task Hager-Zhang step lengths along `direction`; 0 where the search fails."""
+    """Per-task Hager-Zhang step lengths along `direction` (0 where none) and a status."""
     slope = tree.vdot(grads, direction)
 
     def line_fn(alpha):
@@ -108,5 +257,11 @@ def _line_search(value_and_grad, params, direction, grads):
         return _LineValue(x=alpha, f=values, df=tree.vdot(g, direction))
 
     result = tfp.optimizer.linesearch.hager_zhang(line_fn, initial_step_size=tf.ones_like(slope))
-    usable = result.converged & (slope < 0)
-    return tf.where(usable, result.left.x, tf.zeros_like(slope))
+    converged, failed = result.converged, result.failed
+    status = tf.where(converged & failed, STEP_UNBOUNDED, STEP_TAKEN)
+    status = tf.where(~converged & ~failed, STEP_SEARCH_NOT_CONVERGED, status)
+    status = tf.where(~converged & failed, STEP_SEARCH_FAILED, status)
+    # A zero slope means a zero direction (grad G = 0): a step of length 0, nothing wrong.
+    status = tf.where(slope < 0, status, tf.where(slope == 0, STEP_TAKEN, STEP_NON_DESCENT))
+    usable = (slope < 0) & ((status == STEP_TAKEN) | (status == STEP_UNBOUNDED))
+    return tf.where(usable, result.left.x, tf.zeros_like(slope)), status
