@@ -1,0 +1,879 @@
+"""Reviewer study (issue #7): how accurate is iMAML's implicit meta-gradient?
+
+The exact meta-gradient of a task is `d/d theta L_query(phi*(theta))`, `phi*` the exact
+minimiser of the proximal objective `G(phi) = L_support(phi) + lam/2 ||phi - theta||^2`
+(Rajeswaran et al. 2019, Figure 2a). Three approximations of it are compared, each after `K`
+inner gradient-descent steps on `G` from `phi_0 = theta`:
+
+- iMAML: `(I + H(phi_K)/lam)^-1 grad L_query(phi_K)` by `C` conjugate-gradient steps
+  (`tf_imaml.implicit.implicit_meta_gradient`).
+- MAML: backpropagation through the `K` unrolled steps on the same proximal objective
+  (`tf_imaml.unrolled`), so that it converges to the same target as `K` grows.
+- first-order MAML: `grad L_query(phi_K)`.
+
+Two problems:
+
+- Ridge regression tasks (`tf_imaml.problems`), whose exact target is closed form.
+- The Omniglot conv net (`tf_imaml.models.conv4_classifier`) on real 5-way 1-shot test tasks,
+  at the shipped meta-trained weights and at a random initialisation. The reference is
+  computed in float64: `--reference_inner_steps` gradient-descent steps (the remaining
+  proximal gradient norm is reported) and conjugate gradient to a tiny residual (reported,
+  with the tasks where `I + H/lam` showed non-positive curvature).
+
+Each approximation is computed in float32 (what users run) and in float64, both against the
+float64 reference, so that truncation and rounding errors can be told apart. Writes
+`gradient_accuracy.md` (tables), `gradient_accuracy.json` (every number) and
+`gradient_accuracy.png` into `--output_dir`.
+
+Usage:
+  python scripts/study_gradient_accuracy.py --output_dir=docs/studies/gradient_accuracy
+  python scripts/study_gradient_accuracy.py --tiny --output_dir=/tmp/gradient_accuracy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import NamedTuple
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import tf_imaml  # noqa: E402
+from tf_imaml import batched  # noqa: E402
+from tf_imaml import hvp as hvp_lib  # noqa: E402
+from tf_imaml import implicit  # noqa: E402
+from tf_imaml import inner_solvers  # noqa: E402
+from tf_imaml import linear_solve  # noqa: E402
+from tf_imaml import problems  # noqa: E402
+from tf_imaml import reporting  # noqa: E402
+from tf_imaml import tree  # noqa: E402
+from tf_imaml import unrolled  # noqa: E402
+
+NAME = "gradient_accuracy"
+PRETRAINED = pathlib.Path(__file__).resolve().parent.parent / "pretrained"
+PRETRAINED_MODEL = PRETRAINED / "imaml_omniglot_5way_1shot.keras"
+WEIGHTS = ("pretrained", "random")
+METHODS = ("imaml", "maml", "fomaml")
+DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    output_dir: str = "runs/study_gradient_accuracy"
+    inner_steps: tuple[int, ...] = (1, 2, 5, 10, 16, 25, 50, 100)
+    cg_steps: tuple[int, ...] = (1, 2, 5, 10, 20)
+    # Ridge regression tasks (closed-form target).
+    ridge_tasks: int = 32
+    ridge_dim: int = 20
+    ridge_support: int = 10
+    ridge_query: int = 20
+    ridge_lam: float = 1.0
+    ridge_learning_rate: float = 0.1
+    # Omniglot conv net.
+    weights: tuple[str, ...] = WEIGHTS
+    conv_tasks: int = 8
+    lam: float = 2.0
+    inner_learning_rate: float = 0.1
+    queries: int = 15
+    image_size: int = 28
+    filters: int = 64
+    activation: str = "relu"  # Of the random-init net; the shipped one is ReLU.
+    reference_inner_steps: int = 2000
+    reference_cg_steps: int = 300
+    maml_task_chunk: int = 2  # Tasks unrolled together (MAML's memory grows with K).
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the first bad value."""
+        for name in ("inner_steps", "cg_steps"):
+            values = getattr(self, name)
+            if not values or list(values) != sorted(set(values)) or min(values) < 1:
+                raise ValueError(f"--{name} must be increasing positive ints, got {values}")
+        for name in ("ridge_lam", "ridge_learning_rate", "lam", "inner_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "ridge_tasks",
+            "ridge_dim",
+            "ridge_support",
+            "ridge_query",
+            "conv_tasks",
+            "queries",
+            "filters",
+            "reference_inner_steps",
+            "reference_cg_steps",
+            "maml_task_chunk",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.weights) - set(WEIGHTS)
+        if unknown:
+            raise ValueError(f"--weights must be among {WEIGHTS}, got {sorted(unknown)}")
+        if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
+            raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
+        if self.reference_inner_steps < max(self.inner_steps):
+            raise ValueError("--reference_inner_steps must be >= the largest --inner_steps")
+
+
+TINY = dict(
+    inner_steps=(1, 5, 40),
+    cg_steps=(1, 3, 10),
+    ridge_tasks=8,
+    ridge_dim=6,
+    ridge_support=4,
+    ridge_query=8,
+    ridge_learning_rate=0.1,
+    weights=("random",),
+    conv_tasks=2,
+    queries=2,
+    image_size=14,
+    filters=4,
+    reference_inner_steps=300,
+    reference_cg_steps=100,
+)
+
+
+# --------------------------------------------------------------------------- problems
+
+
+LossFn = object  # (params, x, y) -> per-task losses [T].
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A task-batched meta-learning problem in one dtype; data passed to compiled functions."""
+
+    loss_fn: LossFn  # (task-batched params, x, y) -> per-task mean loss [T].
+    support: tuple  # (x, y), leading task axis.
+    query: tuple  # (x, y), leading task axis.
+    meta_params: list  # theta, task-batched [T, ...].
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.meta_params[0].shape[0])
+
+    def tasks(self, start: int, stop: int) -> Problem:
+        """The same problem restricted to tasks `start:stop`."""
+        cut = lambda xs: [x[start:stop] for x in xs]  # noqa: E731
+        return Problem(self.loss_fn, cut(self.support), cut(self.query), cut(self.meta_params))
+
+
+def ridge_problems(config: StudyConfig) -> tuple[dict, np.ndarray]:
+    """The ridge tasks in float32 and float64, and the closed-form target `[T, d]`."""
+    tasks = problems.linear_tasks(
+        num_tasks=config.ridge_tasks,
+        num_support=config.ridge_support,
+        num_query=config.ridge_query,
+        dim=config.ridge_dim,
+        seed=config.seed,
+    )
+    rng = np.random.default_rng([config.seed, 1])
+    theta = rng.normal(size=(config.ridge_tasks, config.ridge_dim))
+    largest = np.linalg.eigvalsh(problems.ridge_hessian(tasks.support_x)).max()
+    if config.ridge_learning_rate * (config.ridge_lam + largest) >= 2.0:
+        raise ValueError(
+            f"--ridge_learning_rate={config.ridge_learning_rate} diverges: gradient descent "
+            f"needs learning_rate * (lam + {largest:.3g}) < 2"
+        )
+    target = problems.ridge_meta_gradient(tasks, theta, config.ridge_lam)
+
+    def loss_fn(params, x, y):
+        return problems.ridge_loss_fn(x, y)(params)
+
+    by_dtype = {
+        dtype: Problem(
+            loss_fn,
+            (tf.cast(tasks.support_x, dtype), tf.cast(tasks.support_y, dtype)),
+            (tf.cast(tasks.query_x, dtype), tf.cast(tasks.query_y, dtype)),
+            [tf.constant(theta, dtype)],
+        )
+        for dtype in DTYPES
+    }
+    return by_dtype, target
+
+
+def omniglot_tasks(config: StudyConfig) -> tuple:
+    """`config.conv_tasks` seeded 5-way 1-shot tasks from Omniglot's test characters."""
+    data = tf_imaml.datasets.load_omniglot("test", image_size=config.image_size)
+    episodes = tf_imaml.episodes.few_shot_episodes(
+        data.images,
+        data.labels,
+        ways=5,
+        shots=1,
+        queries=config.queries,
+        meta_batch_size=config.conv_tasks,
+        seed=config.seed,
+        rotations=(0, 90, 180, 270),
+        num_batches=1,
+    )
+    for (support_x, support_y, query_x), query_y in episodes:
+        return support_x, support_y, query_x, query_y
+    raise AssertionError("the episode dataset is empty")
+
+
+def conv_model(config: StudyConfig, dtype: str, weights: str) -> keras.Model:
+    """The Omniglot conv net with every layer computing in `dtype`.
+
+    The dtype matters: `batched.apply` calls the weightless layers (activations, flatten)
+    themselves, and a Keras layer casts its inputs to its own compute dtype, so a float32
+    model would silently round float64 activations.
+    """
+    size = config.image_size
+    return tf_imaml.models.conv4_classifier(
+        5,
+        input_shape=(size, size, 1),
+        filters=config.filters,
+        activation="relu" if weights == "pretrained" else config.activation,
+        dtype=dtype,
+    )
+
+
+def conv_weights(config: StudyConfig, weights: str) -> list[np.ndarray]:
+    """The conv net's trainable weights: the shipped model's, or a seeded random init."""
+    if weights == "pretrained":
+        meta = keras.models.load_model(PRETRAINED_MODEL)
+        return [v.numpy() for v in meta.learner.trainable_variables]
+    keras.utils.set_random_seed(config.seed)
+    return [v.numpy() for v in conv_model(config, "float32", weights).trainable_variables]
+
+
+def conv_problems(config: StudyConfig, tasks: tuple, weights: str) -> dict:
+    """The conv-net problem in float32 and float64: same tasks, same weights."""
+    support_x, support_y, query_x, query_y = tasks
+    values = conv_weights(config, weights)
+    by_dtype = {}
+    for dtype in DTYPES:
+        model = conv_model(config, dtype, weights)
+
+        def loss_fn(params, x, y, model=model):
+            logits = batched.apply(model, params, x)
+            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+            return tf.reduce_mean(losses, axis=1)
+
+        by_dtype[dtype] = Problem(
+            loss_fn,
+            (tf.cast(support_x, dtype), support_y),
+            (tf.cast(query_x, dtype), query_y),
+            tree.broadcast_to_tasks([tf.constant(w, dtype) for w in values], config.conv_tasks),
+        )
+    return by_dtype
+
+
+# --------------------------------------------------------------------------- meta-gradients
+
+
+class ImplicitResult(NamedTuple):
+    """iMAML's meta-gradient after `C` CG steps, flattened, and how the solve went."""
+
+    meta_grads: tf.Tensor  # [T, N].
+    residual: tf.Tensor  # [T] true relative residual ||v - A g|| / ||v||.
+    negative_curvature: tf.Tensor  # [T] bool: CG met p.Ap <= 0 (A not positive definite).
+
+
+class Estimators:
+    """The study's compiled computations for one loss and one `(lam, learning_rate)`.
+
+    Data are arguments, so one trace serves every meta-batch of the same shape.
+    """
+
+    def __init__(self, loss_fn: LossFn, *, lam: float, learning_rate: float):
+        self.loss_fn = loss_fn
+        self.lam = lam
+        self.learning_rate = learning_rate
+        self.inner = tf.function(self._inner)
+        self.query_grad = tf.function(self._query_grad)
+        self.imaml = tf.function(self._imaml)
+        self.maml = tf.function(self._maml)
+
+    def _inner(self, meta_params, params, num_steps, support):
+        """`num_steps` more GD steps on `G` from `params` (plain GD keeps no state)."""
+        return inner_solvers.minimize_proximal(
+            lambda p: self.loss_fn(p, *support),
+            meta_params,
+            lam=self.lam,
+            num_steps=num_steps,
+            optimizer=inner_solvers.gradient_descent(self.learning_rate),
+            init_params=params,
+        )
+
+    def _query_grad(self, params, query):
+        return hvp_lib.value_and_grad(lambda p: self.loss_fn(p, *query), params)[1]
+
+    def _imaml(self, params, query_grads, max_iter, tol, support):
+        support_loss_fn = lambda p: self.loss_fn(p, *support)  # noqa: E731
+        result = implicit.implicit_meta_gradient(
+            support_loss_fn,
+            params,
+            query_grads,
+            lam=self.lam,
+            linear_solver=linear_solve.solve_cg,
+            max_iter=max_iter,
+            tol=tol,
+            hvp_mode="linearized",
+        )
+        # The true residual (CG's recursive one drifts from it in float32): one more matvec.
+        matvec = hvp_lib.make_proximal_matvec(support_loss_fn, params, lam=self.lam)
+        residual = tree.norm(tree.sub(query_grads, matvec(result.meta_grads)))
+        return ImplicitResult(
+            tree.flatten_tasks(result.meta_grads),
+            residual / tree.norm(query_grads),
+            result.solve.negative_curvature,
+        )
+
+    def _maml(self, meta_params, num_steps, support, query):
+        """Backpropagation through `num_steps` GD steps on `G` (theta in both of its roles)."""
+        with tf.GradientTape() as tape:
+            tape.watch(meta_params)
+            objective_fn = inner_solvers.proximal_objective_fn(
+                lambda p: self.loss_fn(p, *support), meta_params, self.lam
+            )
+            inner = unrolled.unrolled_gradient_descent(
+                objective_fn, meta_params, num_steps=num_steps, learning_rate=self.learning_rate
+            )
+            total = tf.reduce_sum(self.loss_fn(inner.adapted_params, *query))
+        return tree.flatten_tasks(tape.gradient(total, meta_params))
+
+    def maml_by_chunks(self, problem: Problem, num_steps: int, chunk: int) -> np.ndarray:
+        """MAML's meta-gradients `[T, N]`, `chunk` tasks at a time (its memory grows with K)."""
+        out = []
+        for start in range(0, problem.num_tasks, chunk):
+            part = problem.tasks(start, start + chunk)
+            out.append(
+                self.maml(part.meta_params, tf.constant(num_steps), part.support, part.query)
+            )
+        return np.concatenate([o.numpy() for o in out], axis=0)
+
+
+def compare(estimate, target) -> dict:
+    """Per-task cosine similarity (and 1 - it) and relative error of `[T, N]` against `[T, N]`."""
+    estimate = np.asarray(estimate, np.float64)
+    target = np.asarray(target, np.float64)
+    dot = np.sum(estimate * target, axis=1)
+    norms = np.linalg.norm(estimate, axis=1) * np.linalg.norm(target, axis=1)
+    error = np.linalg.norm(estimate - target, axis=1) / np.linalg.norm(target, axis=1)
+    return {"cosine": dot / norms, "one_minus_cosine": 1.0 - dot / norms, "relative_error": error}
+
+
+APPROX_CG_TOL = 1e-10  # ImplicitMAML's default cg_tol: what users run.
+REFERENCE_CG_TOL = 1e-14
+REFERENCE_MAX_GRAD_NORM = 1e-6  # A reference task counts as solved below these.
+REFERENCE_MAX_RESIDUAL = 1e-8
+
+
+def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -> dict:
+    """The float64 reference: long GD on `G`, then CG to a tiny residual.
+
+    GD runs in segments; at every checkpoint (each `K` of the study below the reference's
+    step count, and the end) the proximal gradient norm and a full CG solve are recorded, so
+    the report shows how the inner problem converges (or does not).
+
+    Returns per-task arrays for the end point: `target` `[T, N]`, the remaining proximal
+    gradient norm `inner_grad_norm`, the CG `residual` (true, recomputed),
+    `negative_curvature`, and `ok`: the tasks whose reference is trusted (finite, positive
+    definite, gradient norm and residual below `REFERENCE_MAX_GRAD_NORM` and
+    `REFERENCE_MAX_RESIDUAL`); and `trajectory`, the same diagnostics at every checkpoint.
+    """
+    theta = problem.meta_params
+    checkpoints = sorted(
+        {k for k in config.inner_steps if k < config.reference_inner_steps}
+        | {config.reference_inner_steps}
+    )
+    phi, done, trajectory = theta, 0, []
+    for k in checkpoints:
+        inner = est.inner(theta, phi, tf.constant(k - done), problem.support)
+        phi, done = inner.adapted_params, k
+        v = est.query_grad(phi, problem.query)
+        solve = est.imaml(
+            phi,
+            v,
+            tf.constant(config.reference_cg_steps),
+            tf.constant(REFERENCE_CG_TOL, tf.float64),
+            problem.support,
+        )
+        trajectory.append(
+            {
+                "inner_steps": k,
+                "inner_grad_norm": inner.grad_norm.numpy(),
+                "residual": solve.residual.numpy(),
+                "negative_curvature": solve.negative_curvature.numpy(),
+            }
+        )
+    target = solve.meta_grads.numpy()
+    end = trajectory[-1]
+    ok = (
+        ~end["negative_curvature"]
+        & (end["residual"] < REFERENCE_MAX_RESIDUAL)
+        & (end["inner_grad_norm"] < REFERENCE_MAX_GRAD_NORM)
+        & np.isfinite(target).all(axis=1)
+    )
+    return {"target": target, **{k: v for k, v in end.items() if k != "inner_steps"}} | {
+        "ok": ok,
+        "trajectory": trajectory,
+    }
+
+
+def trajectory_table(trajectory: list) -> str:
+    """Markdown: the reference's inner convergence and curvature at every checkpoint."""
+    return reporting.markdown_table(
+        [
+            "GD steps",
+            "‖∇G‖ mean",
+            "‖∇G‖ max",
+            "tasks with non-positive curvature",
+            "CG true residual (median)",
+        ],
+        [
+            [
+                row["inner_steps"],
+                float(np.mean(row["inner_grad_norm"])),
+                float(np.max(row["inner_grad_norm"])),
+                f"{int(np.sum(row['negative_curvature']))} of {len(row['negative_curvature'])}",
+                float(np.median(row["residual"])),
+            ]
+            for row in trajectory
+        ],
+    )
+
+
+def sweep(
+    by_dtype: dict,
+    target: np.ndarray,
+    est: dict,
+    *,
+    config: StudyConfig,
+    maml_chunk: int,
+    label: str,
+) -> dict:
+    """Every approximation at every `K` (and `C`), in both dtypes, against `target`.
+
+    Returns `{dtype: {"inner_grad_norm": [nK][T], "imaml": [nK][nC]{...},
+    "maml": [nK]{...}, "fomaml": [nK]{...}}, "precision": {method: [nK]{...}}}` where
+    `{...}` holds per-task `cosine` and `relative_error` (iMAML also its CG `residual` and
+    `negative_curvature`), and `precision` compares float32 with float64 at the same
+    `K` (and `C = max`): the rounding error alone.
+    """
+    out = {d: {"inner_grad_norm": [], "imaml": [], "maml": [], "fomaml": []} for d in DTYPES}
+    out["precision"] = {m: [] for m in METHODS}
+    phi = {d: by_dtype[d].meta_params for d in DTYPES}
+    done = 0
+    for k in config.inner_steps:
+        start = time.time()
+        grads = {}
+        for d in DTYPES:
+            problem, e = by_dtype[d], est[d]
+            inner = e.inner(problem.meta_params, phi[d], tf.constant(k - done), problem.support)
+            phi[d] = inner.adapted_params
+            out[d]["inner_grad_norm"].append(inner.grad_norm.numpy())
+            v = e.query_grad(phi[d], problem.query)
+            row = []
+            for c in config.cg_steps:
+                r = e.imaml(
+                    phi[d],
+                    v,
+                    tf.constant(c),
+                    tf.constant(APPROX_CG_TOL, tf.float64),
+                    problem.support,
+                )
+                row.append(
+                    compare(r.meta_grads, target)
+                    | {
+                        "residual": r.residual.numpy(),
+                        "negative_curvature": r.negative_curvature.numpy(),
+                    }
+                )
+            out[d]["imaml"].append(row)
+            grads[d] = {
+                "imaml": r.meta_grads.numpy(),
+                "fomaml": tree.flatten_tasks(v).numpy(),
+                "maml": e.maml_by_chunks(problem, k, maml_chunk),
+            }
+            for method in ("maml", "fomaml"):
+                out[d][method].append(compare(grads[d][method], target))
+        for method in METHODS:
+            out["precision"][method].append(
+                compare(grads["float32"][method], grads["float64"][method])
+            )
+        done = k
+        print(
+            f"[{label}] K={k}: rel. error float32/float64  iMAML(C={config.cg_steps[-1]}) "
+            f"{_mean(out['float32']['imaml'][-1][-1]['relative_error']):.2e}/"
+            f"{_mean(out['float64']['imaml'][-1][-1]['relative_error']):.2e}  MAML "
+            f"{_mean(out['float32']['maml'][-1]['relative_error']):.2e}/"
+            f"{_mean(out['float64']['maml'][-1]['relative_error']):.2e}  FOMAML "
+            f"{_mean(out['float32']['fomaml'][-1]['relative_error']):.2e}  "
+            f"({time.time() - start:.0f} s)",
+            flush=True,
+        )
+    return out
+
+
+def _mean(values, ok=None) -> float:
+    values = np.asarray(values, np.float64)
+    if ok is not None and np.any(ok):
+        values = values[np.asarray(ok)]
+    return float(np.mean(values))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def tables(name: str, setting: str, result: dict, config: StudyConfig, ok=None) -> str:
+    """Markdown: errors against the exact target vs K, the iMAML K x C grid, precision."""
+    ks, cs = config.inner_steps, config.cg_steps
+    c_max = cs[-1]
+    m = lambda x: _mean(x, ok)  # noqa: E731
+    f32, f64 = result["float32"], result["float64"]
+    lines = [f"### {name}", "", setting, ""]
+    for metric, title in (
+        ("relative_error", "Relative error ‖g − g*‖/‖g*‖"),
+        ("one_minus_cosine", "1 − cosine similarity"),
+    ):
+        lines += [
+            f"{title} against the exact meta-gradient (mean over tasks), by inner steps K "
+            f"(iMAML with C = {c_max} CG steps):",
+            "",
+            reporting.markdown_table(
+                [
+                    "K",
+                    "‖∇G(φ_K)‖ (f64)",
+                    "iMAML f32",
+                    "iMAML f64",
+                    "MAML f32",
+                    "MAML f64",
+                    "FOMAML f32",
+                    "FOMAML f64",
+                ],
+                [
+                    [
+                        k,
+                        m(f64["inner_grad_norm"][i]),
+                        m(f32["imaml"][i][-1][metric]),
+                        m(f64["imaml"][i][-1][metric]),
+                        m(f32["maml"][i][metric]),
+                        m(f64["maml"][i][metric]),
+                        m(f32["fomaml"][i][metric]),
+                        m(f64["fomaml"][i][metric]),
+                    ]
+                    for i, k in enumerate(ks)
+                ],
+            ),
+            "",
+        ]
+    for d, res in (("float32", f32), ("float64", f64)):
+        lines += [
+            f"iMAML relative error in {d}, K inner steps (rows) x C CG steps (columns); in "
+            "brackets the true relative CG residual ‖v − A g‖/‖v‖, and * where CG met "
+            "non-positive curvature on some task:",
+            "",
+            reporting.markdown_table(
+                ["K"] + [f"C={c}" for c in cs],
+                [
+                    [k]
+                    + [
+                        f"{reporting.format_cell(m(res['imaml'][i][j]['relative_error']))} "
+                        f"({reporting.format_cell(m(res['imaml'][i][j]['residual']))})"
+                        + ("*" if np.any(res["imaml"][i][j]["negative_curvature"]) else "")
+                        for j in range(len(cs))
+                    ]
+                    for i, k in enumerate(ks)
+                ],
+            ),
+            "",
+        ]
+    prec = result["precision"]
+    lines += [
+        "Rounding error alone: relative difference of the float32 and the float64 "
+        f"meta-gradient with the same K (iMAML: C = {c_max}):",
+        "",
+        reporting.markdown_table(
+            ["K", "iMAML", "MAML", "FOMAML"],
+            [
+                [k] + [m(prec[method][i]["relative_error"]) for method in METHODS]
+                for i, k in enumerate(ks)
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(path: pathlib.Path, panels: list, config: StudyConfig) -> None:
+    """Relative error vs K and vs C (at the largest K), one row per problem."""
+    plt = reporting.pyplot()
+    ks, cs = np.array(config.inner_steps), np.array(config.cg_steps)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    colors = {"imaml": "tab:blue", "maml": "tab:orange", "fomaml": "tab:green"}
+    for row, (title, result, ok) in enumerate(panels):
+        ax_k, ax_c = axes[row]
+        for d, style in (("float32", "-"), ("float64", "--")):
+            res = result[d]
+            curves = {
+                f"iMAML C={cs[-1]}": (
+                    "imaml",
+                    [_mean(r[-1]["relative_error"], ok) for r in res["imaml"]],
+                ),
+                "MAML": ("maml", [_mean(r["relative_error"], ok) for r in res["maml"]]),
+                "FOMAML": ("fomaml", [_mean(r["relative_error"], ok) for r in res["fomaml"]]),
+            }
+            for name, (method, ys) in curves.items():
+                ax_k.plot(
+                    ks, ys, style, color=colors[method], marker="o", ms=3, label=f"{name} {d}"
+                )
+            if len(cs) > 1:
+                small = [_mean(r[0]["relative_error"], ok) for r in res["imaml"]]
+                ax_k.plot(
+                    ks,
+                    small,
+                    style,
+                    color="tab:purple",
+                    marker=".",
+                    ms=3,
+                    label=f"iMAML C={cs[0]} {d}",
+                )
+            ax_c.plot(
+                cs,
+                [_mean(r["relative_error"], ok) for r in res["imaml"][-1]],
+                style,
+                color=colors["imaml"],
+                marker="o",
+                ms=3,
+                label=f"iMAML K={ks[-1]} {d}",
+            )
+        for ax, xlabel in ((ax_k, "inner steps K"), (ax_c, "CG steps C")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("relative error")
+            ax.grid(True, which="major", alpha=0.3)
+        ax_k.set_title(f"{title}: vs K", fontsize=9)
+        ax_c.set_title(f"{title}: vs C at K={ks[-1]}", fontsize=9)
+        ax_k.legend(fontsize=6, ncol=2)
+        ax_c.legend(fontsize=6)
+    reporting.save_figure(fig, path, dpi=90)
+
+
+def _tolist(tree_of_arrays):
+    if isinstance(tree_of_arrays, dict):
+        return {k: _tolist(v) for k, v in tree_of_arrays.items()}
+    if isinstance(tree_of_arrays, (list, tuple)):
+        return [_tolist(v) for v in tree_of_arrays]
+    if isinstance(tree_of_arrays, np.ndarray):
+        return tree_of_arrays.tolist()
+    return tree_of_arrays
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def run(config: StudyConfig) -> dict:
+    """Runs the study, writes the Markdown, JSON and PNG; returns the JSON's content."""
+    config.validate()
+    out_dir = pathlib.Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results = {"config": dataclasses.asdict(config), "problems": {}}
+    sections, panels = [], []
+
+    by_dtype, target = ridge_problems(config)
+    est = {
+        d: Estimators(
+            by_dtype[d].loss_fn, lam=config.ridge_lam, learning_rate=config.ridge_learning_rate
+        )
+        for d in DTYPES
+    }
+    ridge = sweep(
+        by_dtype,
+        target,
+        est,
+        config=config,
+        maml_chunk=config.ridge_tasks,
+        label="ridge",
+    )
+    results["problems"]["ridge"] = {"result": ridge}
+    setting = (
+        f"{config.ridge_tasks} ridge-regression tasks, d = {config.ridge_dim}, "
+        f"{config.ridge_support} support / {config.ridge_query} query points, "
+        f"lam = {config.ridge_lam}, inner GD step {config.ridge_learning_rate}; exact target: "
+        "the closed form `lam (H + lam I)^-1 grad L_query(phi*)` "
+        "(`tf_imaml.problems.ridge_meta_gradient`)."
+    )
+    sections.append(tables("Ridge regression (closed form)", setting, ridge, config))
+    panels.append(("ridge", ridge, None))
+
+    if config.weights:
+        tasks = omniglot_tasks(config)
+    for weights in config.weights:
+        by_dtype = conv_problems(config, tasks, weights)
+        est = {
+            d: Estimators(
+                by_dtype[d].loss_fn, lam=config.lam, learning_rate=config.inner_learning_rate
+            )
+            for d in DTYPES
+        }
+        t0 = time.time()
+        ref = reference_gradient(by_dtype["float64"], est["float64"], config)
+        print(
+            f"[conv {weights}] reference ({time.time() - t0:.0f} s): proximal gradient norm "
+            f"{_fmt_list(ref['inner_grad_norm'])}; CG residual {_fmt_list(ref['residual'])}; "
+            f"non-positive curvature on {int(ref['negative_curvature'].sum())} of "
+            f"{len(ref['ok'])} tasks; trusted: {int(ref['ok'].sum())}",
+            flush=True,
+        )
+        activation = "relu" if weights == "pretrained" else config.activation
+        setting = (
+            f"Omniglot conv net ({ref['target'].shape[1]:,} weights, {config.image_size}x"
+            f"{config.image_size}, {config.filters} filters, {activation}), {weights} weights, "
+            f"{config.conv_tasks} 5-way 1-shot test tasks ({config.queries} queries per class), "
+            f"lam = {config.lam}, inner GD step {config.inner_learning_rate}. Reference in "
+            f"float64: {config.reference_inner_steps} GD steps (remaining proximal gradient "
+            f"norm ‖∇G‖ per task: {_fmt_list(ref['inner_grad_norm'])}), then CG (at most "
+            f"{config.reference_cg_steps} steps; true relative residual per task: "
+            f"{_fmt_list(ref['residual'])}). `I + H/lam` showed non-positive curvature at the "
+            f"reference point on {int(ref['negative_curvature'].sum())} of "
+            f"{config.conv_tasks} tasks. A task's reference is trusted when ‖∇G‖ < "
+            f"{REFERENCE_MAX_GRAD_NORM:g}, CG saw only positive curvature and its residual is "
+            f"< {REFERENCE_MAX_RESIDUAL:g}: {int(ref['ok'].sum())} of {config.conv_tasks} tasks."
+        )
+        entry = {"reference": {k: v for k, v in ref.items() if k != "target"}}
+        results["problems"][f"conv_{weights}"] = entry
+        convergence = (
+            "The float64 reference's inner loop (GD on `G` from theta; CG on `I + H/lam` "
+            f"with the query gradient, at most {config.reference_cg_steps} steps) at each "
+            "checkpoint:\n\n" + trajectory_table(ref["trajectory"]) + "\n"
+        )
+        if not ref["ok"].any():
+            sections.append(
+                f"### Omniglot conv net, {weights} weights\n\n{setting}\n\n{convergence}\n"
+                "No task has an exact target: the comparison with the approximations is "
+                "skipped for this setting.\n"
+            )
+            continue
+        result = sweep(
+            by_dtype,
+            ref["target"],
+            est,
+            config=config,
+            maml_chunk=config.maml_task_chunk,
+            label=f"conv {weights}",
+        )
+        if not ref["ok"].all():
+            setting += " Means are over the trusted tasks only."
+        sections.append(
+            tables(f"Omniglot conv net, {weights} weights", setting, result, config, ref["ok"])
+            + "\n"
+            + convergence
+        )
+        panels.append((f"conv net, {weights} weights", result, ref["ok"]))
+        entry["result"] = result
+
+    results["wall_seconds"] = round(time.time() - start, 1)
+    header = (
+        f"## Accuracy of the implicit meta-gradient\n\n"
+        f"Produced by `scripts/study_gradient_accuracy.py` in {results['wall_seconds']:.0f} s. "
+        "Approximations after K inner GD steps on the proximal objective from theta: iMAML "
+        "(C conjugate-gradient steps on `(I + H/lam) g = grad L_query(phi_K)`, CG tolerance "
+        f"{APPROX_CG_TOL:g}), MAML (backpropagation through the K steps on the same proximal "
+        "objective), FOMAML (`grad L_query(phi_K)`). f32/f64: the approximation computed in "
+        "float32 or float64, both against the same float64 (or closed-form) target.\n"
+    )
+    (out_dir / f"{NAME}.md").write_text(header + "\n" + "\n".join(sections))
+    reporting.write_json(out_dir / f"{NAME}.json", _tolist(results))
+    plot(out_dir / f"{NAME}.png", panels, config)
+    print(f"wrote {out_dir}/{NAME}.md, .json, .png in {results['wall_seconds']:.0f} s")
+    return results
+
+
+def _fmt_list(values) -> str:
+    return ", ".join(reporting.format_cell(float(v)) for v in np.asarray(values))
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def _define_flags() -> dict:
+    """The command-line flags (defined only when run as a program, so tests can import it)."""
+    d = StudyConfig()
+    ints = lambda s: tuple(int(x) for x in s)  # noqa: E731
+    return {
+        "output_dir": flags.DEFINE_string("output_dir", d.output_dir, "Where to write results."),
+        "tiny": flags.DEFINE_bool("tiny", False, "A tiny run (seconds): small sizes everywhere."),
+        "inner_steps": flags.DEFINE_list(
+            "inner_steps", list(map(str, d.inner_steps)), "Inner steps K to compare."
+        ),
+        "cg_steps": flags.DEFINE_list("cg_steps", list(map(str, d.cg_steps)), "CG steps C."),
+        "weights": flags.DEFINE_list(
+            "weights", list(d.weights), "Conv-net weights: pretrained and/or random (or none)."
+        ),
+        "conv_tasks": flags.DEFINE_integer("conv_tasks", d.conv_tasks, "Omniglot tasks."),
+        "lam": flags.DEFINE_float("lam", d.lam, "Proximal strength on the conv net."),
+        "inner_learning_rate": flags.DEFINE_float(
+            "inner_learning_rate", d.inner_learning_rate, "Inner GD step on the conv net."
+        ),
+        "reference_inner_steps": flags.DEFINE_integer(
+            "reference_inner_steps", d.reference_inner_steps, "GD steps of the reference."
+        ),
+        "reference_cg_steps": flags.DEFINE_integer(
+            "reference_cg_steps", d.reference_cg_steps, "CG steps of the reference."
+        ),
+        "ridge_tasks": flags.DEFINE_integer("ridge_tasks", d.ridge_tasks, "Ridge tasks."),
+        "ridge_lam": flags.DEFINE_float("ridge_lam", d.ridge_lam, "Proximal strength (ridge)."),
+        "ridge_learning_rate": flags.DEFINE_float(
+            "ridge_learning_rate", d.ridge_learning_rate, "Inner GD step (ridge)."
+        ),
+        "maml_task_chunk": flags.DEFINE_integer(
+            "maml_task_chunk", d.maml_task_chunk, "Conv-net tasks unrolled together by MAML."
+        ),
+        "seed": flags.DEFINE_integer("seed", d.seed, "Seed of tasks and random weights."),
+        "_ints": ints,
+    }
+
+
+def config_from_flags(holders: dict) -> StudyConfig:
+    ints = holders["_ints"]
+    values = dict(
+        output_dir=holders["output_dir"].value,
+        inner_steps=ints(holders["inner_steps"].value),
+        cg_steps=ints(holders["cg_steps"].value),
+        weights=tuple(w for w in holders["weights"].value if w),
+        conv_tasks=holders["conv_tasks"].value,
+        lam=holders["lam"].value,
+        inner_learning_rate=holders["inner_learning_rate"].value,
+        reference_inner_steps=holders["reference_inner_steps"].value,
+        reference_cg_steps=holders["reference_cg_steps"].value,
+        ridge_tasks=holders["ridge_tasks"].value,
+        ridge_lam=holders["ridge_lam"].value,
+        ridge_learning_rate=holders["ridge_learning_rate"].value,
+        maml_task_chunk=holders["maml_task_chunk"].value,
+        seed=holders["seed"].value,
+    )
+    if holders["tiny"].value:
+        # Sizes not given on the command line shrink; flags given explicitly still win.
+        values = {
+            k: (TINY[k] if k in TINY and not flags.FLAGS[k].present else v)
+            for k, v in values.items()
+        } | {k: v for k, v in TINY.items() if k not in values}
+    return StudyConfig(**values)
+
+
+def main(argv, holders):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = config_from_flags(holders)
+        config.validate()
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    run(config)
+
+
+if __name__ == "__main__":
+    _holders = _define_flags()
+    app.run(lambda argv: main(argv, _holders))

@@ -1,0 +1,128 @@
+"""scripts/study_gradient_accuracy.py at a tiny size: the ridge part against its closed form."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "study_gradient_accuracy", ROOT / "scripts" / "study_gradient_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there.
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_script()
+
+# d = 6 parameters, 4 support points: GD contracts the slowest direction (a null direction
+# of the support Hessian) by 1 - 0.1 * lam = 0.9 per step, so after 300 steps the inner
+# error is ~0.9^300 ~ 2e-14 of the initial one, and CG is exact after d = 6 steps.
+CONFIG = study.StudyConfig(
+    inner_steps=(1, 5, 300),
+    cg_steps=(1, 3, 20),
+    ridge_tasks=8,
+    ridge_dim=6,
+    ridge_support=4,
+    ridge_query=8,
+    ridge_lam=1.0,
+    ridge_learning_rate=0.1,
+    weights=(),
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gradient_accuracy")
+    return study.run(study.StudyConfig(**{**CONFIG.__dict__, "output_dir": str(out)})), out
+
+
+def _mean(values):
+    return float(np.mean(values))
+
+
+def test_converged_imaml_and_maml_match_the_closed_form_in_float64(results):
+    ridge = results[0]["problems"]["ridge"]["result"]["float64"]
+    # Oracle: tf_imaml.problems.ridge_meta_gradient. K = 300 leaves ~1e-14 of inner error.
+    imaml = ridge["imaml"][-1][-1]
+    assert _mean(imaml["relative_error"]) < 1e-8
+    assert _mean(imaml["residual"]) < 1e-10
+    # Oracle relationship: backpropagation through a converged inner loop on the same
+    # proximal objective gives the implicit gradient (jaxopt's unrolled-vs-implicit test).
+    assert _mean(ridge["maml"][-1]["relative_error"]) < 1e-8
+    # First-order MAML ignores d phi / d theta: biased however many steps it takes.
+    assert _mean(ridge["fomaml"][-1]["relative_error"]) > 0.1
+
+
+def test_errors_shrink_with_inner_steps_and_with_cg_steps(results):
+    ridge = results[0]["problems"]["ridge"]["result"]
+    for dtype in ("float32", "float64"):
+        res = ridge[dtype]
+        imaml = [_mean(row[-1]["relative_error"]) for row in res["imaml"]]
+        maml = [_mean(row["relative_error"]) for row in res["maml"]]
+        grad_norm = [_mean(g) for g in res["inner_grad_norm"]]
+        assert imaml[0] > imaml[1] > imaml[2], imaml
+        assert maml[0] > maml[1] > maml[2], maml
+        assert grad_norm[0] > grad_norm[1] > grad_norm[2]
+    by_cg = [_mean(c["relative_error"]) for c in ridge["float64"]["imaml"][-1]]
+    assert by_cg[0] > by_cg[1] > by_cg[2], by_cg
+
+
+def test_float32_runs_carry_float32_rounding(results):
+    ridge = results[0]["problems"]["ridge"]["result"]
+    err32 = _mean(ridge["float32"]["imaml"][-1][-1]["relative_error"])
+    # float32's unit roundoff is 6e-8: a converged float32 gradient is off by about that
+    # much (not more than 1e-4 on this well-conditioned problem, not less than 1e-10,
+    # which would mean the "float32" run was computed in float64).
+    assert 1e-10 < err32 < 1e-4
+    for method in ("imaml", "maml", "fomaml"):
+        diffs = [_mean(row["relative_error"]) for row in ridge["precision"][method]]
+        assert all(1e-10 < d < 1e-4 for d in diffs), (method, diffs)
+
+
+def test_writes_markdown_json_and_plot(results):
+    data, out = results
+    table = (out / "gradient_accuracy.md").read_text()
+    assert "### Ridge regression (closed form)" in table
+    assert "| K | ‖∇G(φ_K)‖ (f64) | iMAML f32 | iMAML f64 | MAML f32 |" in table
+    assert "\n| 300 | " in table and "| K | C=1 | C=3 | C=20 |" in table
+    saved = json.loads((out / "gradient_accuracy.json").read_text())
+    assert saved["config"]["inner_steps"] == [1, 5, 300]
+    assert len(saved["problems"]["ridge"]["result"]["float32"]["maml"]) == 3
+    assert (out / "gradient_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_conv_problems_compute_in_their_own_dtype():
+    config = study.StudyConfig(
+        conv_tasks=2, queries=1, image_size=14, filters=4, weights=("random",), activation="tanh"
+    )
+    rng = np.random.default_rng(0)
+    tasks = (
+        tf.constant(rng.uniform(size=(2, 5, 14, 14, 1)), tf.float32),
+        tf.constant([[0, 1, 2, 3, 4]] * 2, tf.int32),
+        tf.constant(rng.uniform(size=(2, 5, 14, 14, 1)), tf.float32),
+        tf.constant([[4, 3, 2, 1, 0]] * 2, tf.int32),
+    )
+    by_dtype = study.conv_problems(config, tasks, "random")
+    losses = {d: p.loss_fn(p.meta_params, *p.support).numpy() for d, p in by_dtype.items()}
+    assert losses["float64"].dtype == np.float64 and losses["float32"].dtype == np.float32
+    # Same weights and data: equal up to float32 rounding, but not bit for bit (a float32
+    # layer inside the float64 net would make them identical).
+    np.testing.assert_allclose(losses["float32"], losses["float64"], rtol=1e-5)
+    assert np.any(losses["float32"].astype(np.float64) != losses["float64"])
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="inner_steps"):
+        study.StudyConfig(inner_steps=(5, 1)).validate()
+    with pytest.raises(ValueError, match="pretrained needs"):
+        study.StudyConfig(weights=("pretrained",), filters=8).validate()
