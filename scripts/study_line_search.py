@@ -1,0 +1,563 @@
+"""Study 6: iMAML-HF with and without its line search, and why a line search fails.
+
+Part 1 (the inner solver alone): on real Omniglot test tasks, at the shipped model's weights
+and at a random initialisation, for several `lam`, `tf_imaml.hessian_free.proximal_newton`
+runs `--newton_steps` truncated-Newton steps on every task's proximal objective
+`G(phi) = L_support(phi) + lam/2 ||phi - theta||^2`, once with the Hager-Zhang line search
+and once with full Newton steps. Reported: `G` and `||grad G||` after every step (mean and
+median over tasks), how many steps raised `G`, and the status of every step: taken, no
+descent direction, search failed (non-finite values), search not converged, step made `G`
+non-finite, step raised `G`, or the search's "unbounded" case (converged and failed at once);
+with the number of CG solves that met negative curvature and the query accuracy at the end.
+
+Part 2 (training, optional): iMAML-HF meta-trained from the same random initialisation on
+the same training episodes with and without the line search for `--train_meta_steps`
+meta-steps, then tested on the same `--test_tasks` tasks (mean +- 95% CI).
+
+Writes `<output_dir>/line_search.md`, `line_search.json` and `line_search.png`.
+
+Usage:
+  python scripts/study_line_search.py --output_dir=runs/study_line_search
+  python scripts/study_line_search.py --tiny --output_dir=/tmp/line_search   # smoke run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import tf_imaml  # noqa: E402
+from tf_imaml import hessian_free  # noqa: E402
+from tf_imaml import reporting  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+NAME = "line_search"
+WEIGHTS = ("shipped", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    output_dir: str = "runs/study_line_search"
+    weights: tuple[str, ...] = WEIGHTS
+    lams: tuple[float, ...] = (0.5, 2.0, 10.0)
+    newton_steps: int = 10
+    cg_steps: int = 5
+    tasks: int = 40
+    train_meta_steps: int = 40
+    train_newton_steps: int = 3
+    train_lam: float = 2.0
+    meta_batch_size: int = 8
+    on_failure: str = "first_order"
+    test_tasks: int = 100
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    image_size: int = 28
+    filters: int = 64
+    pretrained: str = str(PRETRAINED)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises `ValueError` naming the first bad value."""
+        if not self.weights or any(w not in WEIGHTS for w in self.weights):
+            raise ValueError(f"--weights must be a non-empty subset of {WEIGHTS}: {self.weights}")
+        if not self.lams or any(not lam > 0 for lam in self.lams):
+            raise ValueError(f"--lams must be non-empty, each > 0: {self.lams}")
+        if not self.train_lam > 0:
+            raise ValueError(f"--train_lam must be > 0, got {self.train_lam}")
+        if "shipped" in self.weights:
+            if not pathlib.Path(self.pretrained).is_file():
+                raise ValueError(f"--pretrained {self.pretrained} is not a file")
+            if self.image_size != 28:
+                raise ValueError("--weights=shipped needs --image_size=28 (the shipped net's)")
+
+
+def tiny_config(output_dir: str) -> StudyConfig:
+    """The smoke-run configuration (also what `--tiny` uses)."""
+    return StudyConfig(
+        output_dir=output_dir,
+        weights=("random",),
+        lams=(2.0,),
+        newton_steps=2,
+        cg_steps=2,
+        tasks=4,
+        train_meta_steps=1,
+        train_newton_steps=1,
+        meta_batch_size=2,
+        test_tasks=4,
+        queries=2,
+        image_size=14,
+        filters=8,
+    )
+
+
+def _episodes(config: StudyConfig, data, *, seed: int, num_tasks: int, batch: int):
+    return tf_imaml.episodes.few_shot_episodes(
+        data.images,
+        data.labels,
+        ways=config.ways,
+        shots=config.shots,
+        queries=config.queries,
+        meta_batch_size=batch,
+        seed=seed,
+        rotations=(0, 90, 180, 270),
+        num_batches=-(-num_tasks // batch),
+    )
+
+
+def _per_task_loss(logits, labels):
+    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return tf.reduce_mean(losses, axis=1)
+
+
+def make_trace_fn(learner: keras.Model, *, num_steps: int, cg_steps: int, use_line_search: bool):
+    """A `tf.function`: (theta, lam, support, query) -> Newton trace and query accuracy.
+
+    theta is broadcast to every task; the support loss is the learner's cross-entropy on each
+    task's support set, evaluated for all tasks at once (`tf_imaml.batched`), as
+    `ImplicitMAML` does; Hessian-vector products as `ImplicitMAML`'s default ("linearized").
+    """
+
+    @tf.function(reduce_retracing=True)
+    def trace_fn(theta, lam, support_x, support_y, query_x, query_y):
+        num_tasks = tf.shape(support_x)[0]
+        meta_params = tf_imaml.tree.broadcast_to_tasks(theta, num_tasks)
+
+        def support_loss_fn(params):
+            return _per_task_loss(tf_imaml.batched.apply(learner, params, support_x), support_y)
+
+        result = hessian_free.proximal_newton(
+            support_loss_fn,
+            meta_params,
+            lam=lam,
+            num_steps=num_steps,
+            cg_steps=cg_steps,
+            use_line_search=use_line_search,
+            hvp_mode="linearized",
+        )
+        logits = tf_imaml.batched.apply(learner, result.inner.adapted_params, query_x)
+        hits = tf.cast(tf.argmax(logits, axis=-1, output_type=query_y.dtype) == query_y, tf.float32)
+        return result, tf.reduce_mean(hits, axis=1)
+
+    return trace_fn
+
+
+TRACE_FIELDS = (
+    "objectives",
+    "grad_norms",
+    "step_sizes",
+    "step_status",
+    "num_negative_curvature",
+    "num_steepest_descent",
+)
+
+
+def _summarise(trace: dict, query_accuracy: np.ndarray) -> dict:
+    """Plain numbers of one (weights, lam, line search) cell, per step and in total."""
+    objectives = trace["objectives"].astype(np.float64)  # [K + 1, T]
+    grad_norms = trace["grad_norms"].astype(np.float64)
+    status = trace["step_status"]  # [K, T]
+    finite = np.isfinite(objectives)
+    with np.errstate(invalid="ignore"):
+        rises = np.diff(objectives, axis=0) > 0
+    counts = {
+        name: int((status == code).sum())
+        for code, name in enumerate(hessian_free.STEP_STATUS_NAMES)
+    }
+    return {
+        # Medians over the tasks whose value is not NaN (non-finite tasks are counted apart).
+        "objective_median": np.nanmedian(objectives, axis=1).tolist(),
+        "grad_norm_median": np.nanmedian(grad_norms, axis=1).tolist(),
+        "objectives": objectives.tolist(),
+        "grad_norms": grad_norms.tolist(),
+        "step_sizes": trace["step_sizes"].tolist(),
+        "step_status": status.tolist(),
+        "status_counts": counts,
+        "num_steps_total": int(status.size),
+        "num_rises": int(rises.sum()),
+        "tasks_with_a_rise": int(rises.any(axis=0).sum()),
+        "tasks_non_finite_at_end": int((~finite[-1]).sum()),
+        "negative_curvature_solves": int(trace["num_negative_curvature"].sum()),
+        "steepest_descent_fallbacks": int(trace["num_steepest_descent"].sum()),
+        "start_objective_median": float(np.nanmedian(objectives[0])),
+        "final_objective_median": float(np.nanmedian(objectives[-1])),
+        "final_grad_norm_median": float(np.nanmedian(grad_norms[-1])),
+        "query_accuracy": float(np.mean(query_accuracy)),
+        "query_accuracy_ci95": reporting.mean_ci95(query_accuracy)[1],
+    }
+
+
+def newton_traces(config: StudyConfig, learners: dict, test_data, *, on_row=None) -> list[dict]:
+    """Part 1: one row per (weights, lam, line search); `on_row(rows)` after each."""
+    batch = min(config.tasks, 20)
+    episodes = list(
+        _episodes(config, test_data, seed=config.seed + 2, num_tasks=config.tasks, batch=batch)
+    )
+    rows = []
+    # One traced function per line-search setting serves every theta: the learner only gives
+    # the structure (tf_imaml.batched reads layer types and settings, not weights).
+    structure = next(iter(learners.values()))
+    for learner in learners.values():
+        if [type(layer) for layer in learner.layers] != [
+            type(layer) for layer in structure.layers
+        ] or [v.shape for v in learner.trainable_variables] != [
+            v.shape for v in structure.trainable_variables
+        ]:
+            raise ValueError("the shipped and random learners must have the same architecture")
+    trace_fns = {
+        use_line_search: make_trace_fn(
+            structure,
+            num_steps=config.newton_steps,
+            cg_steps=config.cg_steps,
+            use_line_search=use_line_search,
+        )
+        for use_line_search in (True, False)
+    }
+    for use_line_search in (True, False):
+        trace_fn = trace_fns[use_line_search]
+        for weights, learner in learners.items():
+            theta = [tf.convert_to_tensor(v) for v in learner.trainable_variables]
+            for lam in config.lams:
+                start = time.time()
+                parts = [
+                    trace_fn(theta, tf.constant(lam, tf.float32), sx, sy, qx, qy)
+                    for (sx, sy, qx), qy in episodes
+                ]
+                # Every kept field has the task axis last; the last batch may overrun.
+                trace = {
+                    field: np.concatenate([getattr(p[0], field).numpy() for p in parts], axis=-1)[
+                        ..., : config.tasks
+                    ]
+                    for field in TRACE_FIELDS
+                }
+                accuracy = np.concatenate([p[1].numpy() for p in parts])[: config.tasks]
+                row = {
+                    "weights": weights,
+                    "lam": float(lam),
+                    "line_search": use_line_search,
+                    "seconds": round(time.time() - start, 2),
+                    **_summarise(trace, accuracy),
+                }
+                rows.append(row)
+                counts = row["status_counts"]
+                print(
+                    f"  [{weights} lam={lam:g} line_search={use_line_search}] G "
+                    f"{row['start_objective_median']:.3f} -> {row['final_objective_median']:.3f}, "
+                    f"rises {row['num_rises']}, statuses {counts} ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
+                if on_row is not None:
+                    on_row(rows)
+    return rows
+
+
+def train_comparison(config: StudyConfig, init_weights, train_data, test_data) -> list[dict]:
+    """Part 2: iMAML-HF with and without line search, same init and episodes."""
+    rows = []
+    for use_line_search in (True, False):
+        label = f"iMAML-HF {'with' if use_line_search else 'without'} line search"
+        print(f"training {label} for {config.train_meta_steps} meta-steps", flush=True)
+        keras.utils.set_random_seed(config.seed)
+        learner = _random_learner(config)
+        learner.set_weights(init_weights)
+        meta = tf_imaml.ImplicitMAML(
+            learner,
+            lam=config.train_lam,
+            inner_steps=config.train_newton_steps,
+            inner_optimizer="hessian_free",
+            inner_cg_steps=config.cg_steps,
+            use_line_search=use_line_search,
+            on_failure=config.on_failure,
+        )
+        meta.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["sparse_categorical_accuracy"],
+        )
+        train_episodes = _episodes(
+            config,
+            train_data,
+            seed=config.seed,
+            num_tasks=config.train_meta_steps * config.meta_batch_size,
+            batch=config.meta_batch_size,
+        )
+        start = time.time()
+        history = meta.fit(
+            train_episodes, epochs=1, steps_per_epoch=config.train_meta_steps, verbose=0
+        )
+        train_seconds = time.time() - start
+        logs = {k: float(v[-1]) for k, v in history.history.items()}
+        print(f"  [{label}] {train_seconds:.0f} s, final logs {logs}", flush=True)
+        test_episodes = _episodes(
+            config,
+            test_data,
+            seed=config.seed + 2,
+            num_tasks=config.test_tasks,
+            batch=min(20, config.test_tasks),
+        )
+        accuracy = tf_imaml.evaluation.few_shot_accuracy(meta, test_episodes)
+        print(
+            f"  [{label}] test {100 * accuracy.mean:.2f} +- {100 * accuracy.ci95:.2f}%",
+            flush=True,
+        )
+        rows.append(
+            {
+                "label": label,
+                "line_search": use_line_search,
+                "meta_steps": config.train_meta_steps,
+                "train_seconds": round(train_seconds, 1),
+                "final_train_logs": logs,
+                "test_accuracy": accuracy.mean,
+                "test_ci95": accuracy.ci95,
+                "test_tasks": accuracy.num_tasks,
+            }
+        )
+    return rows
+
+
+def _random_learner(config: StudyConfig) -> keras.Model:
+    return tf_imaml.models.conv4_classifier(
+        config.ways, input_shape=(config.image_size,) * 2 + (1,), filters=config.filters
+    )
+
+
+def run(config: StudyConfig) -> dict:
+    """Runs both parts and writes the md/json/png; returns the results."""
+    config.validate()
+    out = pathlib.Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tf.config.experimental.enable_op_determinism()
+    test_data = tf_imaml.datasets.load_omniglot("test", image_size=config.image_size)
+    keras.utils.set_random_seed(config.seed)
+    random_learner = _random_learner(config)
+    init_weights = random_learner.get_weights()
+    learners = {}
+    for weights in config.weights:
+        if weights == "shipped":
+            learners[weights] = keras.models.load_model(config.pretrained).learner
+        else:
+            learners[weights] = random_learner
+    print("part 1: Newton traces on test tasks", flush=True)
+    # Written after every cell, so that a stopped run keeps what it measured.
+    traces = newton_traces(
+        config, learners, test_data, on_row=lambda rows: _write(config, out, rows, [])
+    )
+    training = []
+    if config.train_meta_steps:
+        print("part 2: training with and without line search", flush=True)
+        train_data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
+        training = train_comparison(config, init_weights, train_data, test_data)
+    return _write(config, out, traces, training)
+
+
+def _write(config: StudyConfig, out: pathlib.Path, traces: list, training: list) -> dict:
+    results = {
+        "config": dataclasses.asdict(config),
+        "status_names": list(hessian_free.STEP_STATUS_NAMES),
+        "traces": traces,
+        "training": training,
+    }
+    reporting.write_json(out / f"{NAME}.json", results)
+    (out / f"{NAME}.md").write_text(_markdown(config, traces, training))
+    _plot(config, traces, out / f"{NAME}.png")
+    return results
+
+
+def _markdown(config: StudyConfig, traces: list[dict], training: list[dict]) -> str:
+    setting = (
+        f"Omniglot {config.ways}-way {config.shots}-shot test tasks ({config.tasks} tasks, "
+        f"seed {config.seed + 2}, {config.queries} queries per class), "
+        f"{config.image_size}x{config.image_size} images. `hessian_free.proximal_newton`: "
+        f"{config.newton_steps} Newton steps of {config.cg_steps} CG iterations each, "
+        "Hessian-vector products 'linearized'. G is the proximal objective "
+        "L_support + lam/2 ||phi - theta||^2; medians over tasks. Step statuses are counts "
+        f"over all {config.newton_steps} x {config.tasks} steps."
+    )
+    status_names = hessian_free.STEP_STATUS_NAMES
+    headers = [
+        "theta",
+        "lam",
+        "line search",
+        "G start",
+        "G end",
+        "grad G end",
+        "steps raising G",
+        "tasks with a rise",
+        "tasks non-finite",
+        *status_names,
+        "neg. curvature CG",
+        "query acc. (%)",
+    ]
+    rows = [
+        [
+            r["weights"],
+            r["lam"],
+            "yes" if r["line_search"] else "no",
+            r["start_objective_median"],
+            r["final_objective_median"],
+            r["final_grad_norm_median"],
+            r["num_rises"],
+            r["tasks_with_a_rise"],
+            r["tasks_non_finite_at_end"],
+            *[r["status_counts"][name] for name in status_names],
+            r["negative_curvature_solves"],
+            f"{100 * r['query_accuracy']:.1f} ± {100 * r['query_accuracy_ci95']:.1f}",
+        ]
+        for r in traces
+    ]
+    per_step_headers = ["theta", "lam", "line search"] + [
+        f"k={k}" for k in range(config.newton_steps + 1)
+    ]
+    per_step = [
+        [r["weights"], r["lam"], "yes" if r["line_search"] else "no"]
+        + [float(v) for v in r["objective_median"]]
+        for r in traces
+    ]
+    lines = [
+        f"## iMAML-HF line search: the inner solve\n\n{setting}\n",
+        reporting.markdown_table(headers, rows),
+        "\n### Median G after each Newton step k\n",
+        reporting.markdown_table(per_step_headers, per_step),
+        "",
+    ]
+    if training:
+        lines += [
+            "## iMAML-HF training with and without line search\n\n"
+            f"Omniglot {config.ways}-way {config.shots}-shot, same random init and training "
+            f"episodes (seed {config.seed}), {config.train_meta_steps} meta-steps at "
+            f"meta-batch {config.meta_batch_size}, lam = {config.train_lam:g}, "
+            f"{config.train_newton_steps} Newton steps of {config.cg_steps} CG iterations, "
+            f"on_failure={config.on_failure!r}, Adam 1e-3; test on {config.test_tasks} tasks (seed {config.seed + 2}), mean ± "
+            "95% CI. 'failed fraction' is the share of tasks whose meta-gradient solve "
+            "failed in the last logs (running mean over training), 'skipped' the meta-steps "
+            "with no usable task.\n",
+            reporting.markdown_table(
+                ["run", "train time (s)", "failed fraction", "skipped steps", "test acc. (%)"],
+                [
+                    [
+                        r["label"],
+                        r["train_seconds"],
+                        r["final_train_logs"].get("failed_fraction"),
+                        r["final_train_logs"].get("skipped_steps"),
+                        f"{100 * r['test_accuracy']:.1f} ± {100 * r['test_ci95']:.1f}",
+                    ]
+                    for r in training
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _plot(config: StudyConfig, traces: list[dict], path: pathlib.Path) -> None:
+    plt = reporting.pyplot()
+    weights = list(dict.fromkeys(r["weights"] for r in traces))
+    fig, axes = plt.subplots(
+        2, len(weights), figsize=(4.2 * len(weights), 5.6), squeeze=False, sharex=True
+    )
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {lam: palette[i % len(palette)] for i, lam in enumerate(config.lams)}
+    steps = np.arange(config.newton_steps + 1)
+    for col, w in enumerate(weights):
+        for r in (r for r in traces if r["weights"] == w):
+            style = "-" if r["line_search"] else "--"
+            label = f"lam={r['lam']:g}, {'line search' if r['line_search'] else 'full steps'}"
+            axes[0, col].plot(
+                steps, r["objective_median"], style, color=colors[r["lam"]], label=label
+            )
+            axes[1, col].plot(
+                steps, r["grad_norm_median"], style, color=colors[r["lam"]], label=label
+            )
+        axes[0, col].set_title(f"theta: {w} weights", fontsize=10)
+        axes[0, col].set_ylabel("median G(phi_k)")
+        axes[1, col].set_ylabel("median ||grad G(phi_k)||")
+        axes[1, col].set_yscale("log")
+        axes[1, col].set_xlabel("Newton step k")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    reporting.save_figure(fig, path)
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a script: tests import this file)."""
+    flags.DEFINE_string("output_dir", "runs/study_line_search", "Where results go.")
+    flags.DEFINE_list("weights", list(WEIGHTS), "Where theta is: shipped, random.")
+    flags.DEFINE_list("lams", ["0.5", "2", "10"], "Proximal strengths lambda.")
+    flags.DEFINE_integer("newton_steps", 10, "Newton steps traced.", lower_bound=1)
+    flags.DEFINE_integer("cg_steps", 5, "CG iterations per Newton step.", lower_bound=1)
+    flags.DEFINE_integer("tasks", 40, "Test tasks for part 1.", lower_bound=1)
+    flags.DEFINE_integer(
+        "train_meta_steps", 40, "Meta-steps of each part-2 run (0: no training).", lower_bound=0
+    )
+    flags.DEFINE_integer(
+        "train_newton_steps", 3, "Newton steps per task in part-2 training.", lower_bound=1
+    )
+    flags.DEFINE_float("train_lam", 2.0, "lambda of the part-2 training.")
+    flags.DEFINE_integer("meta_batch_size", 8, "Part-2 tasks per meta-step.")
+    flags.DEFINE_enum(
+        "on_failure",
+        "first_order",
+        ["drop", "first_order", "zero"],
+        "Part 2: what a task whose meta-gradient solve failed contributes (see MetaLearner).",
+    )
+    flags.DEFINE_integer("test_tasks", 100, "Part-2 test tasks.", lower_bound=2)
+    flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
+    flags.DEFINE_integer("image_size", 28, "Image side (shipped weights: 28).")
+    flags.DEFINE_integer("filters", 64, "Channels of the random-init conv net.")
+    flags.DEFINE_string("pretrained", str(PRETRAINED), "The shipped model.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random init and of the episodes.")
+    flags.DEFINE_bool(
+        "tiny", False, "A smoke run: random weights, 14x14 images, 8 filters, 4 tasks, 2 steps."
+    )
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.tiny:
+        config = tiny_config(FLAGS.output_dir)
+    else:
+        config = StudyConfig(
+            output_dir=FLAGS.output_dir,
+            weights=tuple(FLAGS.weights),
+            lams=tuple(float(v) for v in FLAGS.lams),
+            newton_steps=FLAGS.newton_steps,
+            cg_steps=FLAGS.cg_steps,
+            tasks=FLAGS.tasks,
+            train_meta_steps=FLAGS.train_meta_steps,
+            train_newton_steps=FLAGS.train_newton_steps,
+            train_lam=FLAGS.train_lam,
+            meta_batch_size=FLAGS.meta_batch_size,
+            on_failure=FLAGS.on_failure,
+            test_tasks=FLAGS.test_tasks,
+            queries=FLAGS.queries,
+            image_size=FLAGS.image_size,
+            filters=FLAGS.filters,
+            pretrained=FLAGS.pretrained,
+            seed=FLAGS.seed,
+        )
+    try:
+        config.validate()
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    start = time.time()
+    run(config)
+    print(f"done in {time.time() - start:.0f} s; results in {config.output_dir}/{NAME}.md")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
