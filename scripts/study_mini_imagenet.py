@@ -173,7 +173,7 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
     reused = False
     if results_file.is_file():
         done = json.loads(results_file.read_text())
-        reused = done.get("study_flags") == args
+        reused = _same_flags(done["config"], args)
     if not reused:
         if logdir.exists():
             import shutil
@@ -198,7 +198,6 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
             record |= _curves(logdir)
             return record
         done = json.loads(results_file.read_text())
-        done["study_flags"] = args
         done["wall_seconds"] = round(seconds, 1)
         results_file.write_text(json.dumps(done, indent=2))
     record = {
@@ -211,6 +210,15 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
         "reused": reused,
     }
     return record | _curves(logdir)
+
+
+def _same_flags(train_config: dict, args: list[str]) -> bool:
+    """Whether a finished run's config (its `results.json`) was made by these flags."""
+    for arg in args:
+        name, value = arg[2:].split("=", 1)
+        if str(train_config.get(name)) != value:
+            return False
+    return True
 
 
 def _curves(logdir: pathlib.Path) -> dict:

@@ -48,8 +48,8 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
     assert len(record["val_accuracy"]) == 2 and len(record["failed_fraction"]) == 2
     assert record["reused"] is False
     assert (out / "mini_imagenet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    train_args = (out / "runs" / "imaml" / "results.json").read_text()
-    assert "--dataset=mini_imagenet" in train_args and "--lam=0.5" in train_args
+    train_config = json.loads((out / "runs" / "imaml" / "results.json").read_text())["config"]
+    assert train_config["dataset"] == "mini_imagenet" and train_config["lam"] == 0.5
 
     # The same flags again: the finished run is read back, not trained again.
     proc = _run(*args)
