@@ -54,24 +54,30 @@ from tf_imaml import tree  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_assumptions", "Where results go.")
-_LAMS = flags.DEFINE_list("lams", ["0.5", "1", "2", "5", "10"], "Proximal strengths lam.")
-_NUM_TASKS = flags.DEFINE_integer("num_tasks", 32, "Tasks per checkpoint and lam.", lower_bound=1)
-_TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner GD steps K.", lower_bound=1)
-_INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner GD step size.")
-_LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
-_DELTA = flags.DEFINE_float(
-    "delta", 0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||."
-)
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Meta-steps of the short run.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Meta-steps per checkpoint.")
-_TRAIN_META_BATCH = flags.DEFINE_integer("train_meta_batch", 8, "Tasks per meta-step.")
-_PRETRAINED = flags.DEFINE_string("pretrained", str(PRETRAINED), "Shipped model ('' = none).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
-_FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters (64: the shipped net).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, tasks and Lanczos.")
-_TINY = flags.DEFINE_bool("tiny", False, "A seconds-long smoke run (overrides the sizes).")
+
+def define_flags() -> None:
+    """Defines the flags (only when run as a script, so tests can import several studies)."""
+    global _OUTPUT_DIR, _LAMS, _NUM_TASKS, _TASK_BATCH, _INNER_STEPS, _INNER_LR, _LANCZOS, _DELTA, _TRAIN_STEPS, _CHECKPOINT_EVERY, _TRAIN_META_BATCH, _PRETRAINED, _IMAGE_SIZE, _FILTERS, _SEED, _TINY  # noqa: PLW0603
+    _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_assumptions", "Where results go.")
+    _LAMS = flags.DEFINE_list("lams", ["0.5", "1", "2", "5", "10"], "Proximal strengths lam.")
+    _NUM_TASKS = flags.DEFINE_integer(
+        "num_tasks", 32, "Tasks per checkpoint and lam.", lower_bound=1
+    )
+    _TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
+    _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner GD steps K.", lower_bound=1)
+    _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner GD step size.")
+    _LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
+    _DELTA = flags.DEFINE_float(
+        "delta", 0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||."
+    )
+    _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Meta-steps of the short run.")
+    _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Meta-steps per checkpoint.")
+    _TRAIN_META_BATCH = flags.DEFINE_integer("train_meta_batch", 8, "Tasks per meta-step.")
+    _PRETRAINED = flags.DEFINE_string("pretrained", str(PRETRAINED), "Shipped model ('' = none).")
+    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
+    _FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters (64: the shipped net).")
+    _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, tasks and Lanczos.")
+    _TINY = flags.DEFINE_bool("tiny", False, "A seconds-long smoke run (overrides the sizes).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,4 +470,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

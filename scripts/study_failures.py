@@ -91,29 +91,35 @@ RUNS = {
     "fomaml": ("fomaml", dict()),
 }
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_failures", "Where results go.")
-_NUM_TASKS = flags.DEFINE_integer("num_tasks", 32, "Tasks per failure-map case.", lower_bound=1)
-_TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
-_CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "CG iterations.", lower_bound=1)
-_LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
-_DELTA = flags.DEFINE_float("delta", 0.1, "Relative stationarity threshold.")
-_RUNS = flags.DEFINE_list("runs", list(RUNS), "Training runs compared.")
-_META_STEPS = flags.DEFINE_integer("meta_steps", 150, "Meta-steps per training run.")
-_STEPS_PER_EPOCH = flags.DEFINE_integer("steps_per_epoch", 50, "Meta-steps per epoch.")
-_META_BATCH = flags.DEFINE_integer("meta_batch_size", 8, "Tasks per meta-step.", lower_bound=1)
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps of the runs.")
-_INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size of the runs.")
-_TEST_TASKS = flags.DEFINE_integer("test_tasks", 200, "Test tasks per run.", lower_bound=2)
-_GUARD_LR = flags.DEFINE_float("guard_learning_rate", 5.0, "Inner lr of the diverging run.")
-_GUARD_STEPS = flags.DEFINE_integer("guard_steps", 10, "Meta-steps of the diverging run.")
-_PRETRAINED = flags.DEFINE_string("pretrained", str(PRETRAINED), "Map at this model ('' = init).")
-_TRAIN_FROM = flags.DEFINE_enum(
-    "train_from", "init", ["init", "pretrained"], "Start of the training runs."
-)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
-_FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, episodes and Lanczos.")
-_TINY = flags.DEFINE_bool("tiny", False, "A smoke run (overrides the sizes).")
+
+def define_flags() -> None:
+    """Defines the flags (only when run as a script, so tests can import several studies)."""
+    global _OUTPUT_DIR, _NUM_TASKS, _TASK_BATCH, _CG_STEPS, _LANCZOS, _DELTA, _RUNS, _META_STEPS, _STEPS_PER_EPOCH, _META_BATCH, _INNER_STEPS, _INNER_LR, _TEST_TASKS, _GUARD_LR, _GUARD_STEPS, _PRETRAINED, _TRAIN_FROM, _IMAGE_SIZE, _FILTERS, _SEED, _TINY  # noqa: PLW0603
+    _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_failures", "Where results go.")
+    _NUM_TASKS = flags.DEFINE_integer("num_tasks", 32, "Tasks per failure-map case.", lower_bound=1)
+    _TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
+    _CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "CG iterations.", lower_bound=1)
+    _LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
+    _DELTA = flags.DEFINE_float("delta", 0.1, "Relative stationarity threshold.")
+    _RUNS = flags.DEFINE_list("runs", list(RUNS), "Training runs compared.")
+    _META_STEPS = flags.DEFINE_integer("meta_steps", 150, "Meta-steps per training run.")
+    _STEPS_PER_EPOCH = flags.DEFINE_integer("steps_per_epoch", 50, "Meta-steps per epoch.")
+    _META_BATCH = flags.DEFINE_integer("meta_batch_size", 8, "Tasks per meta-step.", lower_bound=1)
+    _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps of the runs.")
+    _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size of the runs.")
+    _TEST_TASKS = flags.DEFINE_integer("test_tasks", 200, "Test tasks per run.", lower_bound=2)
+    _GUARD_LR = flags.DEFINE_float("guard_learning_rate", 5.0, "Inner lr of the diverging run.")
+    _GUARD_STEPS = flags.DEFINE_integer("guard_steps", 10, "Meta-steps of the diverging run.")
+    _PRETRAINED = flags.DEFINE_string(
+        "pretrained", str(PRETRAINED), "Map at this model ('' = init)."
+    )
+    _TRAIN_FROM = flags.DEFINE_enum(
+        "train_from", "init", ["init", "pretrained"], "Start of the training runs."
+    )
+    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
+    _FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters.", lower_bound=1)
+    _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, episodes and Lanczos.")
+    _TINY = flags.DEFINE_bool("tiny", False, "A smoke run (overrides the sizes).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,4 +643,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
