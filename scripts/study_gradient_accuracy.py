@@ -15,10 +15,13 @@ Two problems:
 
 - Ridge regression tasks (`tf_imaml.problems`), whose exact target is closed form.
 - The Omniglot conv net (`tf_imaml.models.conv4_classifier`) on real 5-way 1-shot test tasks,
-  at the shipped meta-trained weights and at a random initialisation. The reference is
-  computed in float64: `--reference_inner_steps` gradient-descent steps (the remaining
-  proximal gradient norm is reported) and conjugate gradient to a tiny residual (reported,
-  with the tasks where `I + H/lam` showed non-positive curvature).
+  at the shipped meta-trained weights and at a random initialisation (ReLU, or a smooth
+  activation by `--activation`). The reference is computed in float64: the inner problem by
+  `--reference_inner_steps` gradient-descent steps or, with `--reference_solver=lbfgs`, as
+  many L-BFGS iterations (`tfp.optimizer.lbfgs_minimize`; the remaining proximal gradient
+  norm is reported), then conjugate gradient to a tiny residual (reported, with the tasks
+  where `I + H/lam` showed non-positive curvature). Only tasks whose inner problem was solved
+  to a gradient norm below 1e-6 are compared.
 
 Each approximation is computed in float32 (what users run) and in float64, both against the
 float64 reference, so that truncation and rounding errors can be told apart. Writes
@@ -43,6 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -63,6 +67,7 @@ PRETRAINED_MODEL = PRETRAINED / "imaml_omniglot_5way_1shot.keras"
 WEIGHTS = ("pretrained", "random")
 METHODS = ("imaml", "maml", "fomaml")
 DTYPES = ("float32", "float64")
+REFERENCE_SOLVERS = ("gd", "lbfgs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,8 @@ class StudyConfig:
     image_size: int = 28
     filters: int = 64
     activation: str = "relu"  # Of the random-init net; the shipped one is ReLU.
-    reference_inner_steps: int = 2000
+    reference_solver: str = "gd"  # Of the reference's inner problem: "gd" or "lbfgs".
+    reference_inner_steps: int = 2000  # GD steps, or L-BFGS iterations at most.
     reference_cg_steps: int = 300
     maml_task_chunk: int = 2  # Tasks unrolled together (MAML's memory grows with K).
     seed: int = 0
@@ -119,8 +125,19 @@ class StudyConfig:
             raise ValueError(f"--weights must be among {WEIGHTS}, got {sorted(unknown)}")
         if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
-        if self.reference_inner_steps < max(self.inner_steps):
+        if self.reference_solver not in REFERENCE_SOLVERS:
+            raise ValueError(
+                f"--reference_solver must be one of {REFERENCE_SOLVERS}, "
+                f"got {self.reference_solver!r}"
+            )
+        if self.reference_solver == "gd" and self.reference_inner_steps < max(self.inner_steps):
             raise ValueError("--reference_inner_steps must be >= the largest --inner_steps")
+        try:
+            keras.activations.get(self.activation)
+        except ValueError:
+            raise ValueError(
+                f"--activation must be a Keras activation name, got {self.activation!r}"
+            ) from None
 
 
 TINY = dict(
@@ -369,11 +386,12 @@ REFERENCE_MAX_RESIDUAL = 1e-8
 
 
 def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -> dict:
-    """The float64 reference: long GD on `G`, then CG to a tiny residual.
+    """The float64 reference: the inner problem solved (GD or L-BFGS), then CG to a tiny residual.
 
-    GD runs in segments; at every checkpoint (each `K` of the study below the reference's
-    step count, and the end) the proximal gradient norm and a full CG solve are recorded, so
-    the report shows how the inner problem converges (or does not).
+    GD runs in segments; at every checkpoint (each `K` of the study, and with the `"gd"`
+    solver the reference's own step count) the proximal gradient norm and a full CG solve are
+    recorded, so the report shows how the inner problem converges (or does not). With the
+    `"lbfgs"` solver the reference point is L-BFGS's, from theta, recorded as the last row.
 
     Returns per-task arrays for the end point: `target` `[T, N]`, the remaining proximal
     gradient norm `inner_grad_norm`, the CG `residual` (true, recomputed),
@@ -382,14 +400,13 @@ def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -
     `REFERENCE_MAX_RESIDUAL`); and `trajectory`, the same diagnostics at every checkpoint.
     """
     theta = problem.meta_params
-    checkpoints = sorted(
-        {k for k in config.inner_steps if k < config.reference_inner_steps}
-        | {config.reference_inner_steps}
+    gd_end = (
+        config.reference_inner_steps if config.reference_solver == "gd" else max(config.inner_steps)
     )
-    phi, done, trajectory = theta, 0, []
-    for k in checkpoints:
-        inner = est.inner(theta, phi, tf.constant(k - done), problem.support)
-        phi, done = inner.adapted_params, k
+    checkpoints = sorted({k for k in config.inner_steps if k < gd_end} | {gd_end})
+    trajectory = []
+
+    def record(label, phi, grad_norm):
         v = est.query_grad(phi, problem.query)
         solve = est.imaml(
             phi,
@@ -400,12 +417,24 @@ def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -
         )
         trajectory.append(
             {
-                "inner_steps": k,
-                "inner_grad_norm": inner.grad_norm.numpy(),
+                "inner_steps": label,
+                "inner_grad_norm": np.asarray(grad_norm),
                 "residual": solve.residual.numpy(),
                 "negative_curvature": solve.negative_curvature.numpy(),
             }
         )
+        return solve
+
+    phi, done = theta, 0
+    for k in checkpoints:
+        inner = est.inner(theta, phi, tf.constant(k - done), problem.support)
+        phi, done = inner.adapted_params, k
+        solve = record(k, phi, inner.grad_norm.numpy())
+    if config.reference_solver == "lbfgs":
+        phi, grad_norm, iterations = lbfgs_proximal_minimum(
+            problem, lam=est.lam, max_iterations=config.reference_inner_steps
+        )
+        solve = record(f"L-BFGS {iterations}", phi, grad_norm)
     target = solve.meta_grads.numpy()
     end = trajectory[-1]
     ok = (
@@ -420,11 +449,53 @@ def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -
     }
 
 
+def lbfgs_proximal_minimum(
+    problem: Problem, *, lam: float, max_iterations: int
+) -> tuple[list, np.ndarray, int]:
+    """Minimises every task's `G(phi) = L_support(phi) + lam/2 ||phi - theta||^2` by L-BFGS.
+
+    `tfp.optimizer.lbfgs_minimize` over the flattened task-batched parameters `[T, N]` (a
+    batch of independent problems), from theta, with its Hager-Zhang line search; it stops a
+    task when the gradient's largest entry is below 1e-12 or `G` stops changing.
+
+    Returns the minimiser (task-batched, like `problem.meta_params`), the per-task norm of
+    `grad G` there `[T]`, and the number of iterations.
+    """
+    theta = problem.meta_params
+    theta_flat = tree.flatten_tasks(theta)
+
+    @tf.function
+    def value_and_gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            params = tree.unflatten_tasks(x, theta)
+            value = problem.loss_fn(params, *problem.support) + lam / 2 * tf.reduce_sum(
+                tf.square(x - theta_flat), axis=1
+            )
+        return value, tape.gradient(value, x)
+
+    result = tfp.optimizer.lbfgs_minimize(
+        value_and_gradients,
+        initial_position=theta_flat,
+        tolerance=1e-12,
+        x_tolerance=0.0,
+        f_relative_tolerance=0.0,
+        num_correction_pairs=20,
+        max_iterations=max_iterations,
+    )
+    _, grads = value_and_gradients(result.position)
+    return (
+        tree.unflatten_tasks(result.position, theta),
+        np.linalg.norm(grads.numpy(), axis=1),
+        int(result.num_iterations),
+    )
+
+
 def trajectory_table(trajectory: list) -> str:
     """Markdown: the reference's inner convergence and curvature at every checkpoint."""
     return reporting.markdown_table(
         [
-            "GD steps",
+            "inner steps (GD, or L-BFGS iterations)",
             "‖∇G‖ mean",
             "‖∇G‖ max",
             "tasks with non-positive curvature",
@@ -728,12 +799,18 @@ def run(config: StudyConfig) -> dict:
             flush=True,
         )
         activation = "relu" if weights == "pretrained" else config.activation
+        reference_inner = (
+            f"{config.reference_inner_steps} GD steps"
+            if config.reference_solver == "gd"
+            else f"L-BFGS from theta ({ref['trajectory'][-1]['inner_steps'].split()[1]} "
+            f"iterations, at most {config.reference_inner_steps})"
+        )
         setting = (
             f"Omniglot conv net ({ref['target'].shape[1]:,} weights, {config.image_size}x"
             f"{config.image_size}, {config.filters} filters, {activation}), {weights} weights, "
             f"{config.conv_tasks} 5-way 1-shot test tasks ({config.queries} queries per class), "
             f"lam = {config.lam}, inner GD step {config.inner_learning_rate}. Reference in "
-            f"float64: {config.reference_inner_steps} GD steps (remaining proximal gradient "
+            f"float64: {reference_inner} (remaining proximal gradient "
             f"norm ‖∇G‖ per task: {_fmt_list(ref['inner_grad_norm'])}), then CG (at most "
             f"{config.reference_cg_steps} steps; true relative residual per task: "
             f"{_fmt_list(ref['residual'])}). `I + H/lam` showed non-positive curvature at the "
@@ -745,7 +822,9 @@ def run(config: StudyConfig) -> dict:
         entry = {"reference": {k: v for k, v in ref.items() if k != "target"}}
         results["problems"][f"conv_{weights}"] = entry
         convergence = (
-            "The float64 reference's inner loop (GD on `G` from theta; CG on `I + H/lam` "
+            "The float64 reference's inner loop (GD on `G` from theta"
+            + ("; the last row L-BFGS from theta" if config.reference_solver == "lbfgs" else "")
+            + "; CG on `I + H/lam` "
             f"with the query gradient, at most {config.reference_cg_steps} steps) at each "
             "checkpoint:\n\n" + trajectory_table(ref["trajectory"]) + "\n"
         )
@@ -817,8 +896,19 @@ def _define_flags() -> dict:
         "inner_learning_rate": flags.DEFINE_float(
             "inner_learning_rate", d.inner_learning_rate, "Inner GD step on the conv net."
         ),
+        "activation": flags.DEFINE_string(
+            "activation", d.activation, "Activation of the random-init conv net (Keras name)."
+        ),
+        "reference_solver": flags.DEFINE_enum(
+            "reference_solver",
+            d.reference_solver,
+            list(REFERENCE_SOLVERS),
+            "Inner solver of the float64 reference: gradient descent or L-BFGS.",
+        ),
         "reference_inner_steps": flags.DEFINE_integer(
-            "reference_inner_steps", d.reference_inner_steps, "GD steps of the reference."
+            "reference_inner_steps",
+            d.reference_inner_steps,
+            "GD steps (or L-BFGS iterations at most) of the reference.",
         ),
         "reference_cg_steps": flags.DEFINE_integer(
             "reference_cg_steps", d.reference_cg_steps, "CG steps of the reference."
@@ -846,6 +936,8 @@ def config_from_flags(holders: dict) -> StudyConfig:
         conv_tasks=holders["conv_tasks"].value,
         lam=holders["lam"].value,
         inner_learning_rate=holders["inner_learning_rate"].value,
+        activation=holders["activation"].value,
+        reference_solver=holders["reference_solver"].value,
         reference_inner_steps=holders["reference_inner_steps"].value,
         reference_cg_steps=holders["reference_cg_steps"].value,
         ridge_tasks=holders["ridge_tasks"].value,

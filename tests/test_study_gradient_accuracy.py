@@ -121,7 +121,48 @@ def test_conv_problems_compute_in_their_own_dtype():
     assert np.any(losses["float32"].astype(np.float64) != losses["float64"])
 
 
+def test_lbfgs_reference_reaches_the_closed_form_target():
+    config = study.StudyConfig(
+        **CONFIG.__dict__
+        | {"inner_steps": (1, 5), "reference_solver": "lbfgs", "reference_inner_steps": 100}
+    )
+    by_dtype, target = study.ridge_problems(config)
+    problem = by_dtype["float64"]
+    est = study.Estimators(problem.loss_fn, lam=config.ridge_lam, learning_rate=0.1)
+    ref = study.reference_gradient(problem, est, config)
+    # Oracle: tf_imaml.problems.ridge_meta_gradient, the closed form at the exact minimiser.
+    assert ref["ok"].all() and np.all(ref["inner_grad_norm"] < 1e-8)
+    np.testing.assert_allclose(ref["target"], target, rtol=1e-7, atol=1e-10)
+    labels = [row["inner_steps"] for row in ref["trajectory"]]
+    assert labels[:2] == [1, 5] and labels[2].startswith("L-BFGS ")
+    assert "inner steps (GD, or L-BFGS iterations)" in study.trajectory_table(ref["trajectory"])
+
+
+def test_lbfgs_keeps_the_conv_net_parameter_shapes_and_lowers_the_gradient():
+    config = study.StudyConfig(
+        conv_tasks=2, queries=1, image_size=14, filters=4, weights=("random",), activation="tanh"
+    )
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.uniform(size=(2, 5, 14, 14, 1)), tf.float32)
+    labels = tf.constant([[0, 1, 2, 3, 4]] * 2, tf.int32)
+    problem = study.conv_problems(config, (images, labels, images, labels), "random")["float64"]
+    phi, grad_norm, iterations = study.lbfgs_proximal_minimum(problem, lam=2.0, max_iterations=15)
+    assert [p.shape for p in phi] == [p.shape for p in problem.meta_params]
+    assert 0 < iterations <= 15
+    # At theta, grad G = grad L_support; fifteen iterations cut it by far more than 10x.
+    start = study.tree.norm(
+        study.hvp_lib.value_and_grad(
+            lambda p: problem.loss_fn(p, *problem.support), problem.meta_params
+        )[1]
+    ).numpy()
+    assert np.all(grad_norm < start / 10), (grad_norm, start)
+
+
 def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="reference_solver"):
+        study.StudyConfig(reference_solver="newton").validate()
+    with pytest.raises(ValueError, match="activation"):
+        study.StudyConfig(activation="no_such_activation").validate()
     with pytest.raises(ValueError, match="inner_steps"):
         study.StudyConfig(inner_steps=(5, 1)).validate()
     with pytest.raises(ValueError, match="pretrained needs"):
