@@ -49,3 +49,28 @@ def tiny_mini_imagenet(tmp_path):
             class_wnids=wnids,
         )
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_omniglot(tmp_path_factory):
+    """The shipped Omniglot file cut to its first 12 train, 6 val and 6 test characters.
+
+    Same format, real drawings, same Vinyals split codes: for tests whose assertions do not
+    depend on how many classes there are (loading and resizing all 1623 costs seconds).
+    """
+    import numpy as np
+
+    from tf_imaml import datasets
+
+    path = tmp_path_factory.mktemp("omniglot") / "omniglot_small.npz"
+    with np.load(datasets.OMNIGLOT_PATH) as data:
+        arrays = {key: data[key] for key in data.files}
+    codes = arrays["class_vinyals_split"]
+    keep = np.sort(
+        np.concatenate([np.flatnonzero(codes == i)[:n] for i, n in enumerate((12, 6, 6))])
+    )
+    for key in arrays:
+        if key.startswith("class_") or key == "images_packed":
+            arrays[key] = arrays[key][keep]
+    np.savez(path, **arrays)
+    return path

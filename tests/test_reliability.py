@@ -31,24 +31,39 @@ TINY = [
 ]
 
 
-def _train_command(logdir):
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), f"--logdir={logdir}", *TINY]
+def _train_command(logdir, data):
+    return [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        f"--logdir={logdir}",
+        f"--data_dir={data}",
+        *TINY,
+    ]
 
 
 def _weights(path):
     return [v.numpy() for v in keras.models.load_model(path).learner.trainable_variables]
 
 
-def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path):
+def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, small_omniglot):
+    # A few real Omniglot characters: resuming does not depend on how many there are, and
+    # each of the three runs would otherwise spend seconds resizing all 1623 of them.
     whole = subprocess.run(
-        _train_command(tmp_path / "whole"), env=ENV, capture_output=True, text=True, timeout=900
+        _train_command(tmp_path / "whole", small_omniglot),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
     metadata = killed_dir / "backup" / "training_metadata.json"
     process = subprocess.Popen(
-        _train_command(killed_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _train_command(killed_dir, small_omniglot),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
@@ -60,7 +75,11 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_pa
     assert not (killed_dir / "results.json").exists()
 
     resumed = subprocess.run(
-        _train_command(killed_dir), env=ENV, capture_output=True, text=True, timeout=900
+        _train_command(killed_dir, small_omniglot),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Oracle: the uninterrupted run. Same seed, episodes continued from the checkpoint's
