@@ -274,25 +274,32 @@ def useful_flops(config: Config) -> float:
     return config.meta_batch_size * (inner + solve + 3 * query + query)
 
 
-def machine_throughput() -> dict:
-    """Dense float32 GFLOP/s of this machine: a 2048^2 matmul and a 3x3 64->64 convolution."""
+def machine_throughput(
+    *, matmul_size: int = 2048, conv_batch: int = 256, repeats: int = 10
+) -> dict:
+    """Dense float32 GFLOP/s of this machine: a square matmul and a 3x3 64->64 convolution.
+
+    The defaults (a 2048^2 matmul, 256 images of 14x14x64, median of 10) are the measured
+    run's; `--tiny` shrinks them (the numbers are then rough, but the smoke run is fast).
+    """
     import tensorflow as tf
 
-    a = tf.random.normal([2048, 2048])
-    x = tf.random.normal([256, 14, 14, 64])
+    n = matmul_size
+    a = tf.random.normal([n, n])
+    x = tf.random.normal([conv_batch, 14, 14, 64])
     k = tf.random.normal([3, 3, 64, 64])
     result = {}
     for name, fn, flops in (
-        ("matmul_gflops", tf.function(lambda: tf.matmul(a, a)), 2 * 2048**3),
+        ("matmul_gflops", tf.function(lambda: tf.matmul(a, a)), 2 * n**3),
         (
             "conv_gflops",
             tf.function(lambda: tf.nn.conv2d(x, k, 1, "SAME")),
-            2 * 256 * 14 * 14 * 9 * 64 * 64,
+            2 * conv_batch * 14 * 14 * 9 * 64 * 64,
         ),
     ):
         fn().numpy()
         times = []
-        for _ in range(10):
+        for _ in range(repeats):
             start = time.perf_counter()
             fn().numpy()
             times.append(time.perf_counter() - start)
@@ -528,7 +535,9 @@ def main(argv):
         dataclasses.replace(base, meta_batch_size=max_batch),
         base.warmup + base.repeats,
     )
-    machine = {"start": machine_throughput()}
+    # --tiny: a rough, quick measurement (see machine_throughput).
+    throughput = dict(matmul_size=512, conv_batch=16, repeats=3) if _TINY.value else {}
+    machine = {"start": machine_throughput(**throughput)}
     rows = []
     done = {}  # The reference configuration appears in several sweeps: measured once.
     started = time.time()
@@ -553,7 +562,7 @@ def main(argv):
             f"{config.task_batching}: {summary}",
             flush=True,
         )
-    machine["end"] = machine_throughput()
+    machine["end"] = machine_throughput(**throughput)
     shutil.rmtree(pathlib.Path(base.episodes).parent, ignore_errors=True)
     (output_dir / "results.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=1)
