@@ -28,8 +28,6 @@ import time
 from absl import app
 from absl import flags
 
-from tf_imaml import reporting
-
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml")
 LABELS = {
     "imaml": "iMAML-GD",
@@ -231,6 +229,8 @@ def _curves(logdir: pathlib.Path) -> dict:
 
 def write_report(config: StudyConfig, records: list[dict]) -> str:
     """The Markdown table (with the published figures); returns it."""
+    from tf_imaml import reporting  # Here, not at the top: it imports TensorFlow (seconds).
+
     out = pathlib.Path(config.output_dir)
     rows = []
     for r in records:
@@ -284,6 +284,8 @@ def write_report(config: StudyConfig, records: list[dict]) -> str:
 
 def plot(config: StudyConfig, records: list[dict]) -> None:
     """Validation accuracy and failed-solve fraction against meta-steps."""
+    from tf_imaml import reporting
+
     plt = reporting.pyplot()
     fig, (ax_acc, ax_fail) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in records:
