@@ -25,7 +25,11 @@ def _load_script():
 study = _load_script()
 
 
-def test_tiny_study_writes_tables_plot_and_consistent_numbers(tmp_path):
+def test_tiny_study_writes_tables_plot_and_consistent_numbers(
+    tmp_path, small_omniglot, monkeypatch
+):
+    # Real Omniglot characters, 24 of them (loading and resizing all 1623 costs seconds).
+    monkeypatch.setattr(study.tf_imaml.datasets, "OMNIGLOT_PATH", small_omniglot)
     config = dataclasses.replace(study.tiny_config(str(tmp_path)), pretrained="")
     results = study.run(config)
     assert (tmp_path / "inner_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
