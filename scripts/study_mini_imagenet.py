@@ -12,7 +12,8 @@ failed fraction) into `--output_dir`, beside the published figures.
     python scripts/study_mini_imagenet.py --output_dir=docs/studies/mini_imagenet
 
 Runs already finished under `--runs_dir` (a `results.json` from the same configuration) are
-read instead of trained again, so a long study can be run one algorithm at a time.
+read instead of trained again, so a long study can be run one algorithm at a time; an
+interrupted run of the same flags resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -172,11 +173,14 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
     if results_file.is_file():
         done = json.loads(results_file.read_text())
         reused = _same_flags(done["config"], args)
+    flags_file = logdir / "study_train_flags.json"
     if not reused:
-        if logdir.exists():
+        if logdir.exists() and not _interrupted_run_of(logdir, args):
             import shutil
 
             shutil.rmtree(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        flags_file.write_text(json.dumps(args))
         if verbose:
             print(f"[study_mini_imagenet] training {algorithm}: scripts/train.py {' '.join(args)}")
         start = time.time()
@@ -208,6 +212,22 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
         "reused": reused,
     }
     return record | _curves(logdir)
+
+
+def _interrupted_run_of(logdir: pathlib.Path, args: list[str]) -> bool:
+    """Whether `logdir` holds an unfinished run of these flags, with a checkpoint to resume.
+
+    `scripts/train.py` resumes such a run from `backup/` (its `BackupAndRestore`) when started
+    again with the same `--logdir`, so a study killed mid-way (or split over sessions) goes
+    on where it stopped instead of starting again.
+    """
+    flags_file = logdir / "study_train_flags.json"
+    return (
+        not (logdir / "results.json").exists()
+        and flags_file.is_file()
+        and json.loads(flags_file.read_text()) == args
+        and (logdir / "backup" / "training_metadata.json").is_file()
+    )
 
 
 def _same_flags(train_config: dict, args: list[str]) -> bool:

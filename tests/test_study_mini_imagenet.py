@@ -50,6 +50,8 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
     assert (out / "mini_imagenet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train_config = json.loads((out / "runs" / "imaml" / "results.json").read_text())["config"]
     assert train_config["dataset"] == "mini_imagenet" and train_config["lam"] == 0.5
+    recorded = json.loads((out / "runs" / "imaml" / "study_train_flags.json").read_text())
+    assert "--algorithm=imaml" in recorded and "--meta_steps=2" in recorded
 
     # The same flags again: the finished run is read back, not trained again.
     proc = _run(*args)
@@ -64,3 +66,35 @@ def test_bad_flags_fail_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
     proc = _run("--meta_steps=10", "--steps_per_epoch=3", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode != 0 and "must be a multiple of --steps_per_epoch" in proc.stderr
+
+
+_RESUMABLE_PROBE = """
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+import study_mini_imagenet as study
+run, args = pathlib.Path(sys.argv[2]), ["--meta_steps=4", "--lam=0.5"]
+seen = [study._interrupted_run_of(run, args)]
+(run / "backup").mkdir(parents=True)
+(run / "backup" / "training_metadata.json").write_text('{"epoch": 1}')
+seen.append(study._interrupted_run_of(run, args))
+(run / "study_train_flags.json").write_text(json.dumps(args))
+seen.append(study._interrupted_run_of(run, args))
+seen.append(study._interrupted_run_of(run, ["--meta_steps=8", "--lam=0.5"]))
+(run / "results.json").write_text("{}")
+seen.append(study._interrupted_run_of(run, args))
+print(json.dumps(seen))
+"""
+
+
+def test_only_an_unfinished_checkpointed_run_of_the_same_flags_is_resumed(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESUMABLE_PROBE, str(ROOT / "scripts"), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Empty folder; checkpoint but no flags file; resumable; other flags; finished.
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, False, True, False, False]
