@@ -309,3 +309,54 @@ def test_metrics_reach_tensorboard_event_files(tmp_path):
     validation = _read_scalars(tmp_path / "validation")
     assert len(validation["epoch_loss"]) == 2
     assert "epoch_pre_adaptation_loss" in validation
+
+
+def _count_calls(meta, name):
+    calls = [0]
+    step = getattr(meta, name)
+
+    def counted(data):
+        calls[0] += 1  # Python runs once per trace of the step
+        return step(data)
+
+    setattr(meta, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("data_kind", ["dataset", "arrays"])
+def test_fit_and_evaluate_trace_their_step_once(data_kind):
+    # Keras creates the optimizer slots and compile metrics lazily inside the first traced
+    # step, and tf.function then traces it again; MetaLearner builds them beforehand.
+    episode = _classification_episode()
+    meta = _classifier_meta(lam=2.0)
+    train_traces, test_traces = _count_calls(meta, "train_step"), _count_calls(meta, "test_step")
+    if data_kind == "dataset":
+        data = tf.data.Dataset.from_tensors(episode).repeat(3)
+        meta.fit(data, epochs=2, verbose=0)
+        meta.evaluate(data, verbose=0)
+    else:
+        meta.fit(*episode, batch_size=2, epochs=2, verbose=0)
+        meta.evaluate(*episode, batch_size=2, verbose=0)
+    assert train_traces == [1] and test_traces == [1]
+    assert meta.optimizer.iterations.numpy() == (6 if data_kind == "dataset" else 2)
+
+
+def test_accuracy_by_name_is_resolved_from_the_labels_before_and_after_adaptation():
+    # Keras picks sparse categorical accuracy for "accuracy" from the label shapes; the
+    # pre-adaptation copy must follow, or its update fails on integer labels.
+    episode = _classification_episode()
+    logs = {}
+    for name in ("accuracy", "sparse_categorical_accuracy"):
+        keras.utils.set_random_seed(0)
+        meta = tf_imaml.ImplicitMAML(
+            models_classifier(), lam=2.0, inner_steps=3, inner_learning_rate=0.1, cg_steps=2
+        )
+        meta.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[name],
+        )
+        history = meta.fit(tf.data.Dataset.from_tensors(episode).repeat(2), verbose=0).history
+        logs[name] = (history[name][-1], history[f"pre_adaptation_{name}"][-1])
+    assert logs["accuracy"] == logs["sparse_categorical_accuracy"]
+    assert all(0.0 <= value <= 1.0 for value in logs["accuracy"])
