@@ -1,4 +1,4 @@
-"""Study 4: how often real Omniglot tasks meet the assumptions of iMAML's theory, counted.
+"""Study 4: how often real few-shot tasks meet the assumptions of iMAML's theory, counted.
 
 Theorem 1 of Rajeswaran et al. (2019) bounds the error of the implicit meta-gradient when
 (a) the inner problem is solved to a delta-approximate stationary point, (b) `I + H/lam` is
@@ -24,11 +24,18 @@ Checkpoints: the random initialisation, the weights every `--checkpoint_every` m
 of a short iMAML run done here (`--train_steps` meta-steps of `--train_meta_batch` tasks,
 lam = 2, as the shipped model was trained), and the shipped model (`--pretrained`).
 
+`--dataset=mini_imagenet` measures mini-ImageNet training tasks instead (read from
+`--data_dir`, default `../shared/data/mini_imagenet`), with the 32-filter net with exact max
+pooling on 84x84 RGB images that `scripts/train.py` trains there; `--pretrained` then names a
+mini-ImageNet model saved by `scripts/train.py` (its `model.keras`), or is empty.
+
 Writes `<output_dir>/study_assumptions.{md,json}` and PNG histograms.
 
 Usage:
   python scripts/study_assumptions.py --output_dir=docs/studies/assumptions
   python scripts/study_assumptions.py --tiny --output_dir=/tmp/assumptions  # a smoke run
+  python scripts/study_assumptions.py --dataset=mini_imagenet --inner_steps=5 \
+      --inner_learning_rate=0.01 --train_steps=0 --pretrained=runs/mini_imagenet/model.keras
 """
 
 from __future__ import annotations
@@ -53,11 +60,12 @@ from tf_imaml import tree  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+DATASETS = ("omniglot", "mini_imagenet")
 
 
 def define_flags() -> None:
     """Defines the flags (only when run as a script, so tests can import several studies)."""
-    global _OUTPUT_DIR, _LAMS, _NUM_TASKS, _TASK_BATCH, _INNER_STEPS, _INNER_LR, _LANCZOS, _DELTA, _TRAIN_STEPS, _CHECKPOINT_EVERY, _TRAIN_META_BATCH, _PRETRAINED, _IMAGE_SIZE, _FILTERS, _SEED, _TINY  # noqa: PLW0603
+    global _OUTPUT_DIR, _LAMS, _NUM_TASKS, _TASK_BATCH, _INNER_STEPS, _INNER_LR, _LANCZOS, _DELTA, _TRAIN_STEPS, _CHECKPOINT_EVERY, _TRAIN_META_BATCH, _PRETRAINED, _IMAGE_SIZE, _FILTERS, _SEED, _TINY, _DATASET, _DATA_DIR, _WAYS  # noqa: PLW0603
     _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_assumptions", "Where results go.")
     _LAMS = flags.DEFINE_list("lams", ["0.5", "1", "2", "5", "10"], "Proximal strengths lam.")
     _NUM_TASKS = flags.DEFINE_integer(
@@ -74,8 +82,20 @@ def define_flags() -> None:
     _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Meta-steps per checkpoint.")
     _TRAIN_META_BATCH = flags.DEFINE_integer("train_meta_batch", 8, "Tasks per meta-step.")
     _PRETRAINED = flags.DEFINE_string("pretrained", str(PRETRAINED), "Shipped model ('' = none).")
-    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
-    _FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters (64: the shipped net).")
+    _DATASET = flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Which tasks to measure.")
+    _DATA_DIR = flags.DEFINE_string(
+        "data_dir", None, "Dataset folder (default: the bundled Omniglot, ../shared mini-ImageNet)."
+    )
+    _WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
+    _IMAGE_SIZE = flags.DEFINE_integer(
+        "image_size",
+        None,
+        "Image side (default 28 for Omniglot, 84 for mini-ImageNet).",
+        lower_bound=8,
+    )
+    _FILTERS = flags.DEFINE_integer(
+        "filters", None, "Conv filters (default 64, the shipped net; 32 on mini-ImageNet)."
+    )
     _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, tasks and Lanczos.")
     _TINY = flags.DEFINE_bool("tiny", False, "A seconds-long smoke run (overrides the sizes).")
 
@@ -94,10 +114,25 @@ class Config:
     checkpoint_every: int = 100
     train_meta_batch: int = 8
     pretrained: str = str(PRETRAINED)
-    image_size: int = 28
-    filters: int = 64
+    image_size: int | None = None  # None: 28 (Omniglot) or 84 (mini-ImageNet)
+    filters: int | None = None  # None: 64 (Omniglot, the shipped net) or 32 (mini-ImageNet)
     seed: int = 0
+    dataset: str = "omniglot"
+    data_dir: str | None = None
+    ways: int = 5
     verbose: bool = True
+
+    @property
+    def size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        return 84 if self.dataset == "mini_imagenet" else 28
+
+    @property
+    def num_filters(self) -> int:
+        if self.filters is not None:
+            return self.filters
+        return 32 if self.dataset == "mini_imagenet" else 64
 
     def validate(self) -> None:
         if not self.lams or min(self.lams) <= 0:
@@ -108,10 +143,18 @@ class Config:
             self.checkpoint_every < 1 or self.train_steps % self.checkpoint_every
         ):
             raise ValueError("--train_steps must be a multiple of --checkpoint_every")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.pretrained and not pathlib.Path(self.pretrained).is_file():
             raise ValueError(f"--pretrained {self.pretrained} is not a file")
-        if self.pretrained and (self.image_size != 28 or self.filters != 64):
-            raise ValueError("the shipped model needs --image_size=28 --filters=64")
+        if self.dataset == "mini_imagenet" and self.pretrained == str(PRETRAINED):
+            raise ValueError(
+                "the shipped model is an Omniglot model: with --dataset=mini_imagenet pass "
+                "--pretrained=<a mini-ImageNet model.keras from scripts/train.py> or --pretrained="
+            )
+        if self.dataset == "mini_imagenet" and self.data_dir is None:
+            if tf_imaml.mini_imagenet.default_path() is None:
+                raise ValueError("--dataset=mini_imagenet needs --data_dir")
 
 
 TINY = dict(
@@ -136,32 +179,71 @@ def _log(config: Config, message: str) -> None:
 
 def _learner(config: Config) -> keras.Model:
     keras.utils.set_random_seed(config.seed)
+    if config.dataset == "mini_imagenet":  # as scripts/train.py builds it there
+        return tf_imaml.models.conv4_classifier(
+            config.ways,
+            input_shape=(config.size, config.size, 3),
+            filters=config.num_filters,
+            pooling="max",
+        )
     return tf_imaml.models.conv4_classifier(
-        5, input_shape=(config.image_size, config.image_size, 1), filters=config.filters
+        config.ways, input_shape=(config.size, config.size, 1), filters=config.num_filters
     )
 
 
+def _load_data(config: Config):
+    if config.dataset == "mini_imagenet":
+        return tf_imaml.mini_imagenet.load_mini_imagenet("train", path=config.data_dir)
+    return tf_imaml.datasets.load_omniglot("train", image_size=config.size, path=config.data_dir)
+
+
+def _load_pretrained(config: Config) -> list[np.ndarray] | None:
+    """The `--pretrained` model's learner weights, checked against the configured net."""
+    if not config.pretrained:
+        return None
+    model = keras.models.load_model(config.pretrained)
+    weights = [v.numpy() for v in model.learner.trainable_variables]
+    expected = [tuple(v.shape) for v in _learner(config).trainable_variables]
+    if [w.shape for w in weights] != expected:
+        raise ValueError(
+            f"--pretrained {config.pretrained} does not fit the {config.dataset} net of this "
+            f"study ({config.ways} ways, {config.num_filters} filters, {config.size}x"
+            f"{config.size} images): weight shapes {[w.shape for w in weights]} vs {expected}"
+        )
+    return weights
+
+
 def _episodes(config: Config, data, *, seed: int, batch: int, num_tasks: int | None, queries):
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
-        ways=5,
+    common = dict(
+        ways=config.ways,
         shots=1,
         queries=queries,
         meta_batch_size=batch,
         seed=seed,
-        rotations=(0, 90, 180, 270),
         num_batches=None if num_tasks is None else -(-num_tasks // batch),
+    )
+    if config.dataset == "mini_imagenet":
+        return tf_imaml.episodes.jpeg_few_shot_episodes(
+            data.images,
+            data.labels,
+            image_size=None if config.size == 84 else config.size,
+            **common,
+        )
+    return tf_imaml.episodes.few_shot_episodes(
+        data.images, data.labels, rotations=(0, 90, 180, 270), **common
     )
 
 
-def checkpoints(config: Config, data) -> dict[str, list[np.ndarray]]:
+def checkpoints(config: Config, data, pretrained=None) -> dict[str, list[np.ndarray]]:
     """Learner weights by name: init, every `checkpoint_every` meta-steps, the shipped model."""
     learner = _learner(config)
     weights = {"init": [v.numpy() for v in learner.trainable_variables]}
     if config.train_steps:
         meta = tf_imaml.ImplicitMAML(
-            learner, lam=2.0, inner_steps=config.inner_steps, inner_learning_rate=0.1
+            learner,
+            lam=2.0,
+            inner_steps=config.inner_steps,
+            inner_learning_rate=config.inner_learning_rate,
         )
         meta.compile(
             optimizer=keras.optimizers.Adam(1e-3),
@@ -190,9 +272,8 @@ def checkpoints(config: Config, data) -> dict[str, list[np.ndarray]]:
                 f"  short run: {step} meta-steps, {time.time() - start:.0f} s, "
                 f"failed_fraction {logs['failed_fraction'][-1]:.2f}",
             )
-    if config.pretrained:
-        shipped = keras.models.load_model(config.pretrained)
-        weights["shipped"] = [v.numpy() for v in shipped.learner.trainable_variables]
+    if pretrained is not None:
+        weights["shipped" if config.dataset == "omniglot" else "pretrained"] = pretrained
     return weights
 
 
@@ -391,9 +472,10 @@ def run(config: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tf.config.experimental.enable_op_determinism()
     start = time.time()
-    data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
+    pretrained = _load_pretrained(config)  # before any work: a model that does not fit fails
+    data = _load_data(config)
     _log(config, "checkpoints ...")
-    weights = checkpoints(config, data)
+    weights = checkpoints(config, data, pretrained)
     train_seconds = time.time() - start
     _log(config, f"measuring {len(weights)} checkpoints x {len(config.lams)} lam ...")
     results = measure_all(config, weights, data)
@@ -401,9 +483,10 @@ def run(config: Config) -> dict:
     plots = plot(config, results, out)
     seconds = time.time() - start
     header = (
-        f"Omniglot 5-way 1-shot training tasks ({config.num_tasks} per checkpoint, the same "
-        f"tasks everywhere), conv net with {config.filters} filters on "
-        f"{config.image_size}x{config.image_size} images; inner loop {config.inner_steps} GD "
+        f"{'mini-ImageNet' if config.dataset == 'mini_imagenet' else 'Omniglot'} "
+        f"{config.ways}-way 1-shot training tasks ({config.num_tasks} per checkpoint, the same "
+        f"tasks everywhere), conv net with {config.num_filters} filters on "
+        f"{config.size}x{config.size} images; inner loop {config.inner_steps} GD "
         f"steps of {config.inner_learning_rate:g} from theta; Lanczos "
         f"{config.lanczos_iterations} iterations; delta = {config.delta:g} (relative). "
         f"Checkpoints: {', '.join(weights)}. Fractions of tasks; L is the Lanczos estimate of "
@@ -458,6 +541,9 @@ def main(argv):
         image_size=_IMAGE_SIZE.value,
         filters=_FILTERS.value,
         seed=_SEED.value,
+        dataset=_DATASET.value,
+        data_dir=_DATA_DIR.value,
+        ways=_WAYS.value,
     )
     if _TINY.value:
         values.update(TINY)

@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,42 @@ def test_tiny_study_writes_tables_plots_and_consistent_counts(tmp_path):
         assert small["indefinite"] == np.mean(~(np.array(per_task["min_eig"]) > 0))
         rel = np.array(per_task["grad_norm"]) / np.array(per_task["grad_norm_start"])
         assert small["not_delta_stationary"] == np.mean(~(rel <= config.delta))
+
+
+def test_tiny_mini_imagenet_study_and_models_that_do_not_fit(tiny_mini_imagenet, tmp_path):
+    study = _load_script()
+    config = study.Config(
+        output_dir=str(tmp_path),
+        dataset="mini_imagenet",
+        data_dir=str(tiny_mini_imagenet),
+        ways=3,
+        image_size=16,
+        filters=8,
+        lams=(0.5, 10.0),
+        num_tasks=2,
+        task_batch=2,
+        inner_steps=3,
+        inner_learning_rate=0.01,
+        lanczos_iterations=4,
+        train_steps=0,
+        pretrained="",
+        verbose=False,
+    )
+    summary = study.run(config)
+    md = (tmp_path / "study_assumptions.md").read_text()
+    assert "mini-ImageNet 3-way 1-shot training tasks" in md and "16x16 images" in md
+    assert [(r["checkpoint"], r["lam"]) for r in summary["rows"]] == [
+        ("init", 0.5),
+        ("init", 10.0),
+    ]
+    for row in summary["rows"]:
+        assert row["num_tasks"] == 2 and np.isfinite(row["median_min_eig"])
+    # The 32-filter net on RGB images: 3 input channels in the first kernel.
+    assert study._learner(config).trainable_variables[0].shape == (3, 3, 3, 8)
+
+    shipped = str(study.PRETRAINED)
+    with pytest.raises(ValueError, match="is an Omniglot model"):
+        dataclasses.replace(config, pretrained=shipped).validate()
+    with pytest.raises(ValueError, match="does not fit the omniglot net"):
+        study.run(study.Config(output_dir=str(tmp_path / "x"), filters=8, verbose=False))
+    assert not (tmp_path / "x" / "study_assumptions.json").exists()
