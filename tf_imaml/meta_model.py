@@ -483,8 +483,8 @@ class MetaLearner(keras.Model):
 
         Without a distribution strategy Keras creates them inside the first traced step,
         and `tf.function`, which allows variables to be created only on a first trace, then
-        traces the whole meta-step a second time: twice the tracing time of every `fit`
-        (measured: 47 s -> 23 s for a first `fit` of a small conv net). The shapes come from
+        traces the whole meta-step a second time: twice the tracing time of every `fit`.
+        The shapes come from
         `x.element_spec` or the arrays; no data is read, so the episode stream is untouched.
         Under a strategy Keras's `_symbolic_build` does this itself.
         """
