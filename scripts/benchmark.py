@@ -44,6 +44,12 @@ _META_BATCH = flags.DEFINE_integer("meta_batch_size", 32, "Tasks per meta-step."
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Meta-batch scaling.")
 _CG_STEPS = flags.DEFINE_list("cg_steps", ["1", "5", "10", "20"], "CG-steps scaling.")
 _BATCHING = flags.DEFINE_list("task_batching", list(TASK_BATCHING), "Batching modes compared.")
+_ONEDNN = flags.DEFINE_list(
+    "onednn",
+    ["imaml_gd"],
+    "Algorithms timed at the reference K with TensorFlow's oneDNN kernels off and on "
+    "(TF_ENABLE_ONEDNN_OPTS=0 and 1; TensorFlow turns them on only on some Intel CPUs).",
+)
 _REFERENCE_K = flags.DEFINE_integer("reference_inner_steps", 16, "K of the scaling runs.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed meta-steps per configuration.", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed meta-steps first.", lower_bound=1)
@@ -80,6 +86,7 @@ class Config:
     warmup: int = 2
     episodes: str = ""
     split: bool = False  # Also time the inner loop, query gradient and solve apart.
+    onednn: str = ""  # TF_ENABLE_ONEDNN_OPTS for the worker: "0", "1" or "" (inherited).
 
 
 # ------------------------------------------------------------------ worker (one process)
@@ -237,7 +244,17 @@ def run_worker(config: Config) -> dict:
     if config.split and config.algorithm.startswith("imaml") and config.algorithm != "imaml_hf":
         result.update(_split_times(meta, batches[0], config))
     result["peak_memory_mb"] = _vm_hwm_mb()
+    result["onednn_enabled"] = _onednn_enabled()
     return result
+
+
+def _onednn_enabled() -> bool | None:
+    """Whether this process's TensorFlow uses oneDNN kernels (None if it cannot tell)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # no public API says this
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 # ------------------------------------------------------------------ parent
@@ -333,7 +350,12 @@ def make_episodes(path: pathlib.Path, config: Config, num_batches: int) -> None:
 def run_in_subprocess(config: Config, memory_limit_mb: float) -> dict:
     """Runs one configuration in a fresh Python; kills it above the memory limit."""
     command = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(config))]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if config.onednn:
+        env["TF_ENABLE_ONEDNN_OPTS"] = config.onednn  # read when TensorFlow is imported
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     peak_rss = 0.0
     while process.poll() is None:
         try:
@@ -373,6 +395,7 @@ def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> s
         ("task_batching", "Task batching (iMAML-GD)"),
         ("batch_size", "Scaling with meta-batch size (iMAML-GD)"),
         ("cg_steps", "Scaling with CG steps (iMAML-GD)"),
+        ("onednn", "TensorFlow's oneDNN kernels off and on (batching column: oneDNN)"),
     )
     for sweep, title in sections:
         section = [r for r in rows if r["sweep"] == sweep]
@@ -398,15 +421,38 @@ def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> s
             lines.append(
                 f"| {c['algorithm']} | {c['inner_steps']} | {c['meta_batch_size']} | "
                 f"{c['cg_steps'] if c['algorithm'].startswith('imaml') else '—'} | "
-                f"{m.get('task_batching_used', c['task_batching'])} | {step} | "
+                f"{_batching_cell(sweep, c, m)} | {step} | "
                 f"{_cell(m, 'inner_loop_s', '.3f')} | {_cell(m, 'query_gradient_s', '.3f')} | "
                 f"{_cell(m, 'linear_solve_s', '.3f')} | {_cell(m, 'peak_memory_mb', '.0f')} | "
                 f"{r['useful_gflop']:.1f} | {rate} | {pct} |"
             )
         lines.append("")
+    lines += _onednn_ratios(rows)
     text = "\n".join(lines)
     (output_dir / "benchmark.md").write_text(text)
     return text
+
+
+def _batching_cell(sweep: str, config: dict, result: dict) -> str:
+    batching = result.get("task_batching_used", config["task_batching"])
+    if sweep != "onednn":
+        return batching
+    return f"{batching}, oneDNN {'on' if config['onednn'] == '1' else 'off'}"
+
+
+def _onednn_ratios(rows: list[dict]) -> list[str]:
+    """One line per algorithm: its meta-step time with oneDNN off over the time with it on."""
+    times = {}
+    for r in rows:
+        if r["sweep"] == "onednn" and "error" not in r["result"]:
+            times[(r["config"]["algorithm"], r["config"]["onednn"])] = r["result"]["step_s"]
+    lines = [
+        f"- {algorithm}: oneDNN on is {times[(algorithm, '0')] / times[(algorithm, '1')]:.2f} "
+        f"times as fast ({times[(algorithm, '0')]:.3f} s against {times[(algorithm, '1')]:.3f} s)"
+        for algorithm in dict.fromkeys(a for a, _ in times)
+        if (algorithm, "0") in times and (algorithm, "1") in times
+    ]
+    return lines + [""] if lines else []
 
 
 def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
@@ -478,6 +524,13 @@ def plan(base: Config) -> list[tuple[str, Config]]:
         configs.append(("batch_size", dataclasses.replace(reference, meta_batch_size=int(t))))
     for c in _CG_STEPS.value:
         configs.append(("cg_steps", dataclasses.replace(reference, cg_steps=int(c))))
+    for algorithm in _ONEDNN.value:
+        if algorithm not in ALGORITHMS:
+            raise app.UsageError(f"--onednn: unknown {algorithm!r}; known: {ALGORITHMS}")
+        for value in ("0", "1"):  # side by side, in one run
+            configs.append(
+                ("onednn", dataclasses.replace(reference, algorithm=algorithm, onednn=value))
+            )
     return configs
 
 

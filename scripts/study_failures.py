@@ -88,6 +88,19 @@ RUNS = {
     "imaml_zero": ("imaml", dict(lam=2.0, on_failure="zero")),
     "imaml_damping1": ("imaml", dict(lam=2.0, damping=1.0, on_failure="drop")),
     "imaml_lam5": ("imaml", dict(lam=5.0, on_failure="drop")),
+    # A lam sweep in training: does a larger lam make the implicit gradient usable (fewer
+    # failed solves) without giving up the adaptation that a small lam allows? A larger lam
+    # needs a smaller inner step (inner GD on the proximal objective diverges once
+    # lr * (lam + L) > 2; study 4), so those runs set their own.
+    "imaml_lam0.5_first_order": ("imaml", dict(lam=0.5, on_failure="first_order")),
+    "imaml_lam10_lr0.03_first_order": (
+        "imaml",
+        dict(lam=10.0, inner_learning_rate=0.03, on_failure="first_order"),
+    ),
+    "imaml_lam50_lr0.01_first_order": (
+        "imaml",
+        dict(lam=50.0, inner_learning_rate=0.01, on_failure="first_order"),
+    ),
     "fomaml": ("fomaml", dict()),
 }
 
@@ -329,14 +342,15 @@ def failure_map(config: Config, theta: list[np.ndarray], data) -> list[dict]:
 
 
 def _meta_model(config: Config, learner, algorithm: str, options: dict, *, inner_lr=None):
-    common = dict(
+    # A run's own options (e.g. its inner step size) take precedence over the flags.
+    options = dict(
         inner_steps=config.inner_steps,
         inner_learning_rate=inner_lr or config.inner_learning_rate,
-    )
+    ) | dict(options)
     if algorithm == "imaml":
-        meta = tf_imaml.ImplicitMAML(learner, cg_steps=config.cg_steps, **common, **options)
+        meta = tf_imaml.ImplicitMAML(learner, cg_steps=config.cg_steps, **options)
     else:
-        meta = tf_imaml.MAML(learner, first_order=True, **common, **options)
+        meta = tf_imaml.MAML(learner, first_order=True, **options)
     meta.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -582,7 +596,8 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         f"Same initial weights ({start_name}) and the same episodes for every run: "
         f"{config.meta_steps} "
         f"meta-steps of {config.meta_batch_size} tasks, Adam 1e-3, {config.inner_steps} inner "
-        f"GD steps of {config.inner_learning_rate:g}, {config.cg_steps} CG steps; test accuracy "
+        f"GD steps of {config.inner_learning_rate:g} (a run whose name gives lr uses its own), "
+        f"{config.cg_steps} CG steps; test accuracy "
         f"on the same {config.test_tasks} Omniglot test tasks (mean ± 95% CI); "
         f"failed_fraction: mean over epochs of {config.steps_per_epoch} meta-steps.\n\n"
         + run_table

@@ -29,9 +29,13 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
         "--task_batching=support",
         "--batch_sizes=2",
         "--cg_steps=2",
+        "--onednn=fomaml",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "benchmark.md").read_text()
+    assert "| fomaml | 1 | 2 | — | support, oneDNN off |" in table
+    assert "| fomaml | 1 | 2 | — | support, oneDNN on |" in table
+    assert "- fomaml: oneDNN on is " in table
     assert "| imaml_gd | 3 | 2 | 5 | support |" in table and "| maml | 1 | 2 | — |" in table
     assert "### Task batching (iMAML-GD)" in table and "| support |" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -41,7 +45,11 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
         (r["sweep"], r["config"]["algorithm"], r["config"]["inner_steps"]): r
         for r in results["rows"]
     }
-    assert len(rows) == 7  # The batch-size row is the K = 1 row, measured once.
+    # The batch-size row is the K = 1 row, measured once; two oneDNN rows share a key.
+    assert len(rows) == 8 and len(results["rows"]) == 9
+    onednn = [r for r in results["rows"] if r["sweep"] == "onednn"]
+    # The worker's TensorFlow really ran with oneDNN off, then on.
+    assert [r["result"]["onednn_enabled"] for r in onednn] == [False, True]
     for row in results["rows"]:
         assert row["result"]["step_s"] > 0 and row["result"]["peak_memory_mb"] > 100
         assert row["useful_gflop"] > 0
@@ -61,6 +69,7 @@ def test_configurations_above_the_memory_limit_are_stopped(tmp_path):
         "--task_batching=",
         "--batch_sizes=",
         "--cg_steps=",
+        "--onednn=",
         "--memory_limit_gb=0.05",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
