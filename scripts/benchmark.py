@@ -1,7 +1,9 @@
 """Time and memory of a meta-step: iMAML against MAML, side by side, in one run.
 
 Every configuration runs in a fresh process (so that its peak memory, VmHWM from
-`/proc/self/status`, is its own) on the same real Omniglot episodes; the parent kills a
+`/proc/self/status`, is its own) on the same real episodes (Omniglot by default, with the
+paper's Omniglot net; `--dataset=mini_imagenet` times the 32-filter max-pooling net on 84x84
+RGB with the mini-ImageNet inner settings: 5-way, steps of 0.01, lam 0.5); the parent kills a
 configuration whose memory passes `--memory_limit_gb` and reports where MAML stops. Each
 time is the median of `--repeats` meta-steps after `--warmup` steps. The run also measures
 the machine's dense throughput (a matmul and a convolution) at its start and end, so that
@@ -14,6 +16,8 @@ Rajeswaran et al. 2019, for several inner optimizers).
 Usage:
   python scripts/benchmark.py --output_dir=runs/benchmark
   python scripts/benchmark.py --tiny --output_dir=/tmp/bench   # a smoke run in a minute
+  python scripts/benchmark.py --dataset=mini_imagenet --meta_batch_size=4 --reference_inner_steps=5 \
+      --algorithms= --task_batching= --batch_sizes= --cg_steps= --onednn=imaml_gd,fomaml,maml
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ ALGORITHMS = ("imaml_gd", "imaml_momentum", "imaml_adam", "imaml_hf", "maml", "f
 TASK_BATCHING = ("per_task", "support", "batched")
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where results go.")
+_DATASET = flags.DEFINE_enum(
+    "dataset",
+    "omniglot",
+    ["omniglot", "mini_imagenet"],
+    "Episodes and net: Omniglot's 64-filter strided net on 28x28, or mini-ImageNet's 32-filter "
+    "max-pooling net on 84x84 RGB (then --image_size and --filters default to 84 and 32).",
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "mini-ImageNet folder (default: $TF_IMAML_MINI_IMAGENET or ../shared)."
+)
 _ALGORITHMS = flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms against K.")
 _INNER_STEPS = flags.DEFINE_list("inner_steps", ["5", "16", "50", "100"], "Inner steps K.")
 _META_BATCH = flags.DEFINE_integer("meta_batch_size", 32, "Tasks per meta-step.", lower_bound=1)
@@ -87,6 +101,12 @@ class Config:
     episodes: str = ""
     split: bool = False  # Also time the inner loop, query gradient and solve apart.
     onednn: str = ""  # TF_ENABLE_ONEDNN_OPTS for the worker: "0", "1" or "" (inherited).
+    dataset: str = "omniglot"
+    data_dir: str | None = None  # mini-ImageNet only
+
+
+def _mini_imagenet(config: Config) -> bool:
+    return config.dataset == "mini_imagenet"
 
 
 # ------------------------------------------------------------------ worker (one process)
@@ -105,21 +125,25 @@ def _build(config: Config):
     import tf_imaml
 
     keras.utils.set_random_seed(0)
+    mini = _mini_imagenet(config)
     learner = tf_imaml.models.conv4_classifier(
         config.ways,
-        input_shape=(config.image_size, config.image_size, 1),
+        input_shape=(config.image_size, config.image_size, 3 if mini else 1),
         filters=config.filters,
+        pooling="max" if mini else None,
     )
+    # The inner settings of scripts/train.py's runs (study 7's on mini-ImageNet).
+    inner_lr = 0.01 if mini else 0.1 if config.algorithm.startswith("imaml") else 0.4
     common = dict(
         inner_steps=config.inner_steps,
-        inner_learning_rate=0.1 if config.algorithm.startswith("imaml") else 0.4,
+        inner_learning_rate=inner_lr,
         task_batching=config.task_batching,
     )
     if config.algorithm.startswith("imaml"):
         inner = config.algorithm.split("_", 1)[1]
         meta = tf_imaml.ImplicitMAML(
             learner,
-            lam=2.0,
+            lam=0.5 if mini else 2.0,
             cg_steps=config.cg_steps,
             inner_optimizer={"gd": "gd", "hf": "hessian_free"}.get(inner, inner),
             **common,
@@ -262,10 +286,15 @@ def _onednn_enabled() -> bool | None:
 
 def _forward_flops(config: Config) -> float:
     """FLOPs of one image through the conv net (multiply-adds count 2)."""
-    size, channels, flops = config.image_size, 1, 0.0
+    mini = _mini_imagenet(config)
+    size, channels, flops = config.image_size, 3 if mini else 1, 0.0
     for _ in range(4):
-        size = -(-size // 2)
-        flops += 2.0 * size * size * 9 * channels * config.filters
+        if mini:  # a stride-1 convolution, then 2x2 max pooling (its compares not counted)
+            flops += 2.0 * size * size * 9 * channels * config.filters
+            size //= 2
+        else:  # a stride-2 convolution
+            size = -(-size // 2)
+            flops += 2.0 * size * size * 9 * channels * config.filters
         channels = config.filters
     return flops + 2.0 * size * size * config.filters * config.ways
 
@@ -325,21 +354,28 @@ def machine_throughput(
 
 
 def make_episodes(path: pathlib.Path, config: Config, num_batches: int) -> None:
-    """Real Omniglot training episodes, saved once and shared by every configuration."""
+    """Real training episodes, saved once and shared by every configuration."""
     import tf_imaml
 
-    data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
-    dataset = tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
+    common = dict(
         ways=config.ways,
         shots=config.shots,
         queries=config.queries,
         meta_batch_size=config.meta_batch_size,
         seed=0,
-        rotations=(0, 90, 180, 270),
         num_batches=num_batches,
     )
+    if _mini_imagenet(config):
+        data = tf_imaml.mini_imagenet.load_mini_imagenet("train", path=config.data_dir)
+        size = None if config.image_size == 84 else config.image_size
+        dataset = tf_imaml.episodes.jpeg_few_shot_episodes(
+            data.images, data.labels, image_size=size, **common
+        )
+    else:
+        data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
+        dataset = tf_imaml.episodes.few_shot_episodes(
+            data.images, data.labels, rotations=(0, 90, 180, 270), **common
+        )
     arrays = {"support_x": [], "support_y": [], "query_x": [], "query_y": []}
     for (sx, sy, qx), qy in dataset:
         for key, value in zip(arrays, (sx, sy, qx, qy), strict=True):
@@ -491,7 +527,8 @@ def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
         ax.legend(fontsize=8)
     c = next(r["config"] for r in rows)
     fig.suptitle(
-        f"Meta-step on Omniglot {c['ways']}-way {c['shots']}-shot, {c['queries']} queries per "
+        f"Meta-step on {'mini-ImageNet' if c['dataset'] == 'mini_imagenet' else 'Omniglot'} "
+        f"{c['ways']}-way {c['shots']}-shot, {c['queries']} queries per "
         f"class, conv net ({c['filters']} filters), meta-batch {c['meta_batch_size']}, "
         f"{os.cpu_count()} CPU cores"
     )
@@ -556,6 +593,10 @@ def main(argv):
         ):
             if not flags.FLAGS[flag.name].present:  # Flags given explicitly win.
                 setattr(flags.FLAGS, flag.name, value)
+    if _DATASET.value == "mini_imagenet":
+        for flag, value in ((_IMAGE_SIZE, 84), (_FILTERS, 32)):
+            if not flags.FLAGS[flag.name].present and not _TINY.value:
+                setattr(flags.FLAGS, flag.name, value)
     for name, values in (
         ("inner_steps", _INNER_STEPS),
         ("batch_sizes", _BATCH_SIZES),
@@ -577,12 +618,14 @@ def main(argv):
         filters=_FILTERS.value,
         image_size=_IMAGE_SIZE.value,
         repeats=_REPEATS.value,
+        dataset=_DATASET.value,
+        data_dir=_DATA_DIR.value,
         warmup=_WARMUP.value,
         episodes=str(pathlib.Path(tempfile.mkdtemp(prefix="tf_imaml_benchmark_")) / "episodes.npz"),
     )
     configs = plan(base)  # Flag errors before anything is written.
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Sampling Omniglot episodes into {base.episodes} ...", flush=True)
+    print(f"Sampling {base.dataset} episodes into {base.episodes} ...", flush=True)
     make_episodes(
         pathlib.Path(base.episodes),
         dataclasses.replace(base, meta_batch_size=max_batch),

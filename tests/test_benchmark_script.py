@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -84,3 +86,31 @@ def test_bad_flags_fail_before_any_work(tmp_path):
     proc = _run(f"--output_dir={tmp_path / 'out'}", "--algorithms=protonet")
     assert proc.returncode != 0 and "unknown 'protonet'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_mini_imagenet_net_with_onednn_off_and_on(tiny_mini_imagenet, tmp_path):
+    proc = _run(
+        f"--output_dir={tmp_path}",
+        "--dataset=mini_imagenet",
+        f"--data_dir={tiny_mini_imagenet}",
+        "--ways=3",
+        "--algorithms=",
+        "--task_batching=",
+        "--batch_sizes=",
+        "--cg_steps=",
+        "--onednn=imaml_gd",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["config"]["dataset"], r["config"]["onednn"]) for r in results["rows"]] == [
+        ("mini_imagenet", "0"),
+        ("mini_imagenet", "1"),
+    ]
+    assert all(r["result"]["step_s"] > 0 for r in results["rows"])
+    # 3 input channels and stride-1 convolutions before pooling: 16x16 RGB, 4 filters.
+    forward = 2 * 9 * 4 * (16 * 16 * 3 + 8 * 8 * 4 + 4 * 4 * 4 + 2 * 2 * 4) + 2 * 4 * 3
+    # 2 tasks of K = 1 support gradient (3 images), 5 CG HVPs, a query gradient and forward.
+    support, query = 3 * forward, 6 * forward
+    expected = 2 * (3 * support + 5 * 6 * support + 4 * query)
+    assert results["rows"][0]["useful_gflop"] * 1e9 == pytest.approx(expected)
+    assert "- imaml_gd: oneDNN on is " in (tmp_path / "benchmark.md").read_text()
