@@ -491,10 +491,10 @@ def _onednn_ratios(rows: list[dict]) -> list[str]:
     return lines + [""] if lines else []
 
 
-def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
+def plot(output_dir: pathlib.Path, rows: list[dict]) -> bool:
     """Time and peak memory against K, one line per algorithm (Figure 2b of the paper)."""
-    if not rows:
-        return
+    if not any(r["sweep"] == "inner_steps" for r in rows):
+        return False  # nothing to plot (e.g. a run of the oneDNN comparison only)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,6 +535,7 @@ def plot(output_dir: pathlib.Path, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(output_dir / "benchmark.png", dpi=110)
     plt.close(fig)
+    return True
 
 
 def plan(base: Config) -> list[tuple[str, Config]]:
@@ -664,8 +665,10 @@ def main(argv):
         json.dumps({"machine": machine, "rows": rows}, indent=1)
     )
     print(write_report(output_dir, rows, machine))
-    plot(output_dir, rows)
-    print(f"Wrote {output_dir}/benchmark.md, benchmark.png and results.json")
+    written = ["benchmark.md", "benchmark.png", "results.json"]
+    if not plot(output_dir, rows):
+        written.remove("benchmark.png")
+    print(f"Wrote {', '.join(written)} in {output_dir}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,5 @@ def test_mini_imagenet_net_with_onednn_off_and_on(tiny_mini_imagenet, tmp_path):
     expected = 2 * (3 * support + 5 * 6 * support + 4 * query)
     assert results["rows"][0]["useful_gflop"] * 1e9 == pytest.approx(expected)
     assert "- imaml_gd: oneDNN on is " in (tmp_path / "benchmark.md").read_text()
+    assert not (tmp_path / "benchmark.png").exists()  # no inner-steps sweep, no empty plot
+    assert "Wrote benchmark.md, results.json in" in proc.stdout
