@@ -15,8 +15,8 @@ whose linear solve failed (the library's `failed` flag: what `failed_fraction` c
 Lanczos shows the matrix indefinite.
 
 Part 2, a side-by-side training comparison from the same initial weights on the same
-episodes: iMAML with `on_failure` = drop / first_order / zero, iMAML with damping, iMAML with
-a larger `lam`, and first-order MAML; each evaluated on the same held-out test tasks (mean
+episodes: iMAML with `on_failure` = drop / first_order / zero, iMAML with damping, a lam sweep
+(0.5 to 50, each larger lam with the smaller inner step it needs), and first-order MAML; each evaluated on the same held-out test tasks (mean
 +- 95% CI), with its `failed_fraction` and `skipped_steps`. Then a run with an inner learning
 rate far too large under `tf_imaml.callbacks.DivergenceGuard`, to show the guard stopping it.
 
