@@ -289,12 +289,11 @@ def _forward_flops(config: Config) -> float:
     mini = _mini_imagenet(config)
     size, channels, flops = config.image_size, 3 if mini else 1, 0.0
     for _ in range(4):
-        if mini:  # a stride-1 convolution, then 2x2 max pooling (its compares not counted)
-            flops += 2.0 * size * size * 9 * channels * config.filters
-            size //= 2
-        else:  # a stride-2 convolution
+        if not mini:  # a stride-2 convolution
             size = -(-size // 2)
-            flops += 2.0 * size * size * 9 * channels * config.filters
+        flops += 2.0 * size * size * 9 * channels * config.filters
+        if mini:  # a stride-1 convolution, then 2x2 max pooling (its compares not counted)
+            size //= 2
         channels = config.filters
     return flops + 2.0 * size * size * config.filters * config.ways
 
