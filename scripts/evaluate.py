@@ -31,6 +31,12 @@ _TASKS = flags.DEFINE_integer("tasks", 600, "Test tasks.", lower_bound=1)
 _INNER_STEPS = flags.DEFINE_integer(
     "inner_steps", None, "Inner steps at test time (default: the model's).", lower_bound=0
 )
+_TEST_LAM = flags.DEFINE_float(
+    "test_lam",
+    None,
+    "iMAML: lam of the test-time adaptation (0: plain fine-tuning); default: the model's.",
+    lower_bound=0.0,
+)
 _SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
 _QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
 _SPLIT = flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
@@ -45,6 +51,7 @@ class EvalConfig:
     model: str = str(PRETRAINED)
     tasks: int = 600
     inner_steps: int | None = None
+    test_lam: float | None = None
     shots: int = 1
     queries: int = 15
     split: str = "vinyals"
@@ -61,6 +68,11 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
     meta = keras.models.load_model(config.model)
     if config.inner_steps is not None:
         meta.inner_steps = config.inner_steps
+    if config.test_lam is not None:
+        if not hasattr(meta, "test_lam"):
+            raise ValueError(f"--test_lam: {type(meta).__name__} has no proximal term")
+        meta.test_lam = config.test_lam
+    if config.inner_steps is not None or config.test_lam is not None:
         meta.make_predict_function(force=True)
     ways = int(meta.learner.outputs[0].shape[-1])
     size = int(meta.learner.inputs[0].shape[1])
@@ -87,6 +99,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         "tasks": accuracy.num_tasks,
         "ways": ways,
         "inner_steps": meta.inner_steps,
+        "test_lam": getattr(meta, "test_lam", None),
         "config": dataclasses.asdict(config),
     }
     if config.output:
@@ -103,6 +116,7 @@ def main(argv):
         model=_MODEL.value,
         tasks=_TASKS.value,
         inner_steps=_INNER_STEPS.value,
+        test_lam=_TEST_LAM.value,
         shots=_SHOTS.value,
         queries=_QUERIES.value,
         split=_SPLIT.value,

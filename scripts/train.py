@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,6 +64,33 @@ _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps.", lower_bou
 _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size.")
 _LAM = flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "iMAML conjugate-gradient steps.", lower_bound=1)
+_DAMPING = flags.DEFINE_float(
+    "damping",
+    0.0,
+    "iMAML: the linear system is ((1 + damping) I + H / (lam + lam_damping)) g = v.",
+    lower_bound=0.0,
+)
+_LAM_DAMPING = flags.DEFINE_float(
+    "lam_damping",
+    0.0,
+    "iMAML: added to lam in the linear system only (the authors' code: --damping=1 "
+    "--lam_damping=10).",
+    lower_bound=0.0,
+)
+_INNER_LOOP = flags.DEFINE_enum(
+    "inner_loop",
+    "proximal",
+    ["proximal", "pull_back"],
+    "iMAML: steps on the proximal objective (the paper), or plain steps on the support loss "
+    "and one proximal pull-back step (the authors' code).",
+)
+_TEST_LAM = flags.DEFINE_float(
+    "test_lam",
+    None,
+    "iMAML: lam of the adaptation at validation and test time (0: plain fine-tuning, as the "
+    "authors' test command); default: --lam.",
+    lower_bound=0.0,
+)
 _CURVATURE_ITERATIONS = flags.DEFINE_integer(
     "curvature_iterations",
     0,
@@ -117,6 +145,10 @@ class TrainConfig:
     inner_learning_rate: float = 0.1
     lam: float = 2.0
     cg_steps: int = 5
+    damping: float = 0.0
+    lam_damping: float = 0.0
+    inner_loop: str = "proximal"
+    test_lam: float | None = None
     curvature_iterations: int = 0
     outer_learning_rate: float = 1e-3
     meta_steps: int = 1000
@@ -177,6 +209,10 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
             learner,
             lam=config.lam,
             cg_steps=config.cg_steps,
+            damping=config.damping,
+            lam_damping=config.lam_damping,
+            inner_loop=config.inner_loop,
+            test_lam=config.test_lam,
             curvature_iterations=config.curvature_iterations,
             **common,
             **extra,
@@ -245,6 +281,86 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+# Flags that may change when a run is resumed: a campaign is extended by raising
+# --meta_steps, and the final test may use more or fewer tasks.
+RESUMABLE_FLAGS = frozenset({"meta_steps", "test_tasks"})
+
+
+def check_resume(config: TrainConfig, logdir: pathlib.Path) -> None:
+    """Refuses to resume a run in `logdir` whose recorded flags differ from `config`.
+
+    Raises:
+      ValueError: Naming every differing flag, with its recorded and its new value.
+    """
+    recorded = logdir / "flags.json"
+    if not (logdir / "backup").is_dir() or not recorded.is_file():
+        return
+    before = json.loads(recorded.read_text())
+    now = dataclasses.asdict(config)
+    differ = [
+        f"--{k}: {before.get(k)!r} in {recorded}, {now.get(k)!r} now"
+        for k in sorted(set(before) | set(now))
+        if k not in RESUMABLE_FLAGS and before.get(k) != now.get(k)
+    ]
+    if differ:
+        raise ValueError(
+            f"{logdir} holds a run with other flags; resume it with its own flags or choose "
+            "another --logdir. Differing: " + "; ".join(differ)
+        )
+
+
+def check_backup(meta: keras.Model, backup_dir: pathlib.Path) -> str | None:
+    """Makes sure that `BackupAndRestore` will find a readable checkpoint in `backup_dir`.
+
+    An unreadable latest checkpoint (weights or metadata) is replaced by the previous one
+    that `BackupAndRestore(double_checkpoint=True)` keeps; the model's weights are then
+    those of the checkpoint it will resume from.
+
+    Returns:
+      A message when it fell back to the previous checkpoint, else `None`.
+
+    Raises:
+      ValueError: If neither checkpoint can be read.
+    """
+    weights = backup_dir / "latest.weights.h5"
+    metadata = backup_dir / "training_metadata.json"
+    if not weights.exists() and not metadata.exists():
+        return None
+
+    def load(weights_path, metadata_path):
+        epoch = int(json.loads(metadata_path.read_text())["epoch"])
+        if meta.optimizer is not None and not meta.optimizer.built:
+            meta.optimizer.build(meta.trainable_variables)
+        meta.load_weights(str(weights_path))
+        return epoch
+
+    try:
+        load(weights, metadata)
+        return None
+    except Exception as err:  # noqa: BLE001 - any unreadable file means: use the previous one.
+        latest_error = f"{type(err).__name__}: {err}"
+    previous_weights = backup_dir / (weights.name + ".bkp")
+    previous_metadata = backup_dir / (metadata.name + ".bkp")
+    # Keras loads weights only from a file named *.weights.h5.
+    candidate = backup_dir / "previous.weights.h5"
+    try:
+        shutil.copyfile(previous_weights, candidate)
+        epoch = load(candidate, previous_metadata)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"the checkpoint in {backup_dir} is unreadable ({latest_error}) and so is the "
+            f"previous one ({type(err).__name__}: {err}); delete {backup_dir} to start afresh"
+        ) from None
+    finally:
+        candidate.unlink(missing_ok=True)
+    shutil.copyfile(previous_weights, weights)
+    shutil.copyfile(previous_metadata, metadata)
+    return (
+        f"the latest checkpoint in {backup_dir} is unreadable ({latest_error}); resuming from "
+        f"the previous one (after epoch {epoch})"
+    )
+
+
 def resumed_epoch(backup_dir: pathlib.Path) -> int:
     """The epoch `BackupAndRestore` will resume at (0 for a fresh run)."""
     metadata = backup_dir / "training_metadata.json"
@@ -257,6 +373,7 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     """Meta-trains, evaluates on test tasks and writes the results; returns them."""
     config.validate()
     logdir = pathlib.Path(config.logdir)
+    check_resume(config, logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     # Same seed, same episodes, same weights: TensorFlow's CPU kernels are deterministic
@@ -291,6 +408,10 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["sparse_categorical_accuracy"],
             )
+        message = check_backup(meta, logdir / "backup")
+    if message:
+        print(message, flush=True)
+    (logdir / "flags.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     with tf.summary.create_file_writer(str(logdir / "hparams")).as_default():
         hparams_api.hparams(
             {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
@@ -321,7 +442,13 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     callbacks = [
         # First, so that a diverged epoch is not written over the last good checkpoint.
         tf_imaml.callbacks.DivergenceGuard(max_skipped_fraction=config.max_skipped_fraction),
-        keras.callbacks.BackupAndRestore(str(logdir / "backup"), double_checkpoint=True),
+        # The checkpoint is kept after the last epoch, so that raising --meta_steps continues.
+        keras.callbacks.BackupAndRestore(
+            str(logdir / "backup"), double_checkpoint=True, delete_checkpoint=False
+        ),
+        tf_imaml.callbacks.TimeToAccuracy(
+            logdir / "curve.json", log_dir=str(logdir / "time_to_accuracy")
+        ),
         # Keras 3.15 writes the epoch scalars only when the global step at the epoch's end is
         # a multiple of update_freq (measured), so update_freq must divide steps_per_epoch.
         keras.callbacks.TensorBoard(str(logdir), update_freq=math.gcd(10, config.steps_per_epoch)),
@@ -338,6 +465,11 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     )
     train_seconds = time.time() - start
     meta.save(logdir / "model.keras")
+    plot_curve(
+        logdir / "curve.json",
+        logdir / "curve.png",
+        title=f"{config.algorithm} {config.dataset} {config.ways}-way {config.shots}-shot",
+    )
     test_data = episodes(
         config, data["test"], seed=config.seed + 2, num_tasks=config.test_tasks, batch=eval_batch
     )
@@ -348,10 +480,42 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
         "test_ci95": accuracy.ci95,
         "test_tasks": accuracy.num_tasks,
         "train_seconds": round(train_seconds, 1),
+        # The whole run, over every resume (validation excluded): see curve.json.
+        "meta_steps": int(meta.optimizer.iterations.numpy()),
+        "total_train_seconds": json.loads((logdir / "curve.json").read_text())[-1]["train_seconds"],
         "config": dataclasses.asdict(config),
     }
     (logdir / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def plot_curve(curve_path: pathlib.Path, png_path: pathlib.Path, *, title: str = "") -> None:
+    """Validation accuracy against meta-steps and against training hours, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    entries = [
+        e
+        for e in json.loads(curve_path.read_text())
+        if "val_sparse_categorical_accuracy" in e["logs"]
+    ]
+    if not entries:
+        return
+    accuracy = [100 * e["logs"]["val_sparse_categorical_accuracy"] for e in entries]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    axes[0].plot([e["meta_steps"] for e in entries], accuracy, marker=".")
+    axes[0].set_xlabel("meta-steps")
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].plot([e["train_seconds"] / 3600 for e in entries], accuracy, marker=".")
+    axes[1].set_xlabel("training hours (wall clock, validation excluded)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv):
@@ -371,6 +535,10 @@ def main(argv):
         inner_learning_rate=_INNER_LR.value,
         lam=_LAM.value,
         cg_steps=_CG_STEPS.value,
+        damping=_DAMPING.value,
+        lam_damping=_LAM_DAMPING.value,
+        inner_loop=_INNER_LOOP.value,
+        test_lam=_TEST_LAM.value,
         curvature_iterations=_CURVATURE_ITERATIONS.value,
         outer_learning_rate=_OUTER_LR.value,
         meta_steps=_META_STEPS.value,

@@ -98,3 +98,37 @@ def test_train_on_mini_imagenet_from_a_folder(tiny_mini_imagenet, tmp_path):
     assert re.search(r"fomaml mini_imagenet 3-way 1-shot: test accuracy", proc.stdout)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["dataset"] == "mini_imagenet" and len(split["train"]) == 3
+
+
+def test_campaign_resume_refuses_other_flags_and_survives_a_corrupt_checkpoint(
+    small_omniglot, tmp_path
+):
+    run = tmp_path / "run"
+    flags = [f"--logdir={run}", f"--data_dir={small_omniglot}", *TINY]
+    proc = _run(*flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = json.loads((run / "curve.json").read_text())
+    assert [e["meta_steps"] for e in curve] == [1, 2]
+    assert curve[1]["train_seconds"] > curve[0]["train_seconds"] > 0
+    assert "val_sparse_categorical_accuracy" in curve[1]["logs"]
+    assert (run / "curve.png").is_file()
+    assert list((run / "time_to_accuracy").glob("events.out.tfevents.*"))
+
+    # Another --lam on the same logdir: refused, the differing flag named, nothing changed.
+    before = (run / "backup" / "latest.weights.h5").read_bytes()
+    proc = _run(*flags, "--lam=3.0")
+    assert proc.returncode != 0
+    assert "--lam: 2.0" in proc.stderr and "3.0 now" in proc.stderr
+    assert (run / "backup" / "latest.weights.h5").read_bytes() == before
+
+    # Extend the run by two meta-steps with a corrupt latest checkpoint: it says so, resumes
+    # from the previous one (after meta-step 1) and continues the clock from there.
+    (run / "backup" / "latest.weights.h5").write_bytes(b"not a checkpoint")
+    proc = _run(*[f for f in flags if not f.startswith("--meta_steps")], "--meta_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unreadable" in proc.stdout and "resuming from the previous one" in proc.stdout
+    resumed = json.loads((run / "curve.json").read_text())
+    assert [e["meta_steps"] for e in resumed] == [1, 2, 3, 4]
+    assert resumed[0] == curve[0]  # kept; epoch 1 was redone from the previous checkpoint
+    assert resumed[1]["train_seconds"] > resumed[0]["train_seconds"]
+    assert json.loads((run / "results.json").read_text())["meta_steps"] == 4

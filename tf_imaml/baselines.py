@@ -44,7 +44,8 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
             name=name,
         )
 
-    def _inner_solve(self, theta, support_loss_fn):
+    def _inner_solve(self, theta, support_loss_fn, *, training=True):
+        del training  # The same adaptation in training and at test time.
         return unrolled.unrolled_gradient_descent(
             support_loss_fn,
             theta,

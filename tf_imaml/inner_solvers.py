@@ -156,7 +156,8 @@ def minimize_proximal(
     Args:
       support_loss_fn: Task-batched parameters -> per-task support losses `[T]`.
       meta_params: `theta`, with a leading task axis (see `tree.broadcast_to_tasks`).
-      lam: Proximal strength, `> 0`.
+      lam: Proximal strength, `>= 0` (`0` is plain minimisation of the support loss, as
+        in test-time fine-tuning without the proximal term).
       num_steps: Number of inner steps, a Python int or an int32 tensor, `>= 0`.
       optimizer: The update rule, e.g. `gradient_descent(0.1)`.
       init_params: Where to start. Default value: `None` (at `meta_params`, as the paper).
@@ -166,10 +167,10 @@ def minimize_proximal(
       An `InnerSolveResult`.
 
     Raises:
-      ValueError: If `lam <= 0`, `num_steps < 0`, `init_params` does not match
+      ValueError: If `lam < 0`, `num_steps < 0`, `init_params` does not match
         `meta_params`, or (eagerly) the support loss is not finite at the start.
     """
-    checks.check_positive("lam", lam)
+    checks.check_non_negative("lam", lam)
     checks.check_non_negative("num_steps", num_steps)
     with tf.name_scope(name or "minimize_proximal"):
         meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
@@ -198,6 +199,62 @@ def minimize_proximal(
             support_loss_fn, params, meta_params, lam
         )
         return InnerSolveResult(params, num_steps, objective, losses, tree.norm(grads))
+
+
+def minimize_then_pull_back(
+    support_loss_fn: hvp_lib.LossFn,
+    meta_params: tree.Params,
+    *,
+    lam,
+    num_steps,
+    optimizer: InnerOptimizer,
+    pull_back_rate: float,
+    name: str | None = None,
+) -> InnerSolveResult:
+    """The inner loop of the authors' code: plain steps, then one proximal pull-back step.
+
+    `num_steps` of `optimizer` on the support loss alone, from `phi = theta`, then one
+    gradient step of size `pull_back_rate` on the proximal term `lam/2 ||phi - theta||^2`:
+
+        phi <- phi - pull_back_rate * lam * (phi - theta)
+
+    (Rajeswaran et al.'s `imaml_dev` Omniglot example: `learn_task`, then one inner-optimizer
+    step on `regularization_loss`). With `lam = 0` this is plain fine-tuning. The
+    diagnostics describe the proximal objective `G` at the returned `phi`.
+
+    Args:
+      support_loss_fn: Task-batched parameters -> per-task support losses `[T]`.
+      meta_params: `theta`, with a leading task axis.
+      lam: Proximal strength of the pull-back, `>= 0`.
+      num_steps: Plain inner steps, a Python int or an int32 tensor, `>= 0`.
+      optimizer: The update rule of the plain steps, e.g. `gradient_descent(0.1)`.
+      pull_back_rate: Step size of the pull-back, `> 0` (the authors use the inner step
+        size).
+      name: Name scope. Default value: `None` (`"minimize_then_pull_back"`).
+
+    Returns:
+      An `InnerSolveResult`; `num_steps` counts the plain steps.
+
+    Raises:
+      ValueError: If `lam < 0`, `pull_back_rate <= 0` or `num_steps < 0`.
+    """
+    checks.check_non_negative("lam", lam)
+    checks.check_positive("pull_back_rate", pull_back_rate)
+    with tf.name_scope(name or "minimize_then_pull_back"):
+        meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
+        dtype = tree.as_list(meta_params)[0].dtype
+        lam = tree.cast(lam, dtype)
+        plain = minimize_proximal(
+            support_loss_fn, meta_params, lam=0.0, num_steps=num_steps, optimizer=optimizer
+        )
+        shrink = tree.cast(pull_back_rate, dtype) * lam
+        params = tree.axpy(
+            -shrink, tree.sub(plain.adapted_params, meta_params), plain.adapted_params
+        )
+        losses, objective, grads = _proximal_value_and_grad(
+            support_loss_fn, params, meta_params, lam
+        )
+        return InnerSolveResult(params, plain.num_steps, objective, losses, tree.norm(grads))
 
 
 INNER_OPTIMIZERS = {"gd": gradient_descent, "momentum": momentum, "adam": adam}

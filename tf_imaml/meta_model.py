@@ -263,8 +263,11 @@ class MetaLearner(keras.Model):
 
         return loss_fn
 
-    def _inner_solve(self, theta, support_loss_fn):
-        """Adapts task-batched `theta` on the support loss: an `InnerSolveResult`."""
+    def _inner_solve(self, theta, support_loss_fn, *, training=True):
+        """Adapts task-batched `theta` on the support loss: an `InnerSolveResult`.
+
+        `training` is false for the adaptation of `evaluate`, `predict` and `adapt`.
+        """
         raise NotImplementedError
 
     def _meta_gradient(self, theta, support_loss_fn, query_loss_fn) -> AdaptResult:
@@ -283,7 +286,7 @@ class MetaLearner(keras.Model):
         if training:
             result = self._meta_gradient(theta, support_loss_fn, query_loss_fn)
         else:
-            inner = self._inner_solve(theta, support_loss_fn)
+            inner = self._inner_solve(theta, support_loss_fn, training=False)
             query_loss, query_pred = query_loss_fn(inner.adapted_params)
             zeros = tf.zeros_like(query_loss)
             no_grads = tree.zeros_like(theta)
@@ -339,7 +342,9 @@ class MetaLearner(keras.Model):
         if getattr(self, "_adapt_function", None) is None:
             self._adapt_function = tf.function(
                 lambda x, y: self._inner_solve(
-                    tree.broadcast_to_tasks(self._theta(), 1), self._support_loss_fn(x, y)
+                    tree.broadcast_to_tasks(self._theta(), 1),
+                    self._support_loss_fn(x, y),
+                    training=False,
                 ).adapted_params
             )
         phi = self._adapt_function(support_x, support_y)
