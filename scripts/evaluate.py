@@ -1,7 +1,7 @@
 """Evaluates a saved meta-learner on held-out Omniglot tasks: accuracy +- 95% CI.
 
 By default it evaluates the shipped pretrained iMAML model
-(`pretrained/imaml_omniglot_5way_1shot.keras`) on 600 test tasks of the Vinyals split.
+(`tf_imaml/pretrained/omniglot_5way_1shot.keras`) on 600 test tasks of the Vinyals split.
 
 Usage:
   python scripts/evaluate.py [--model=runs/omniglot/model.keras] [--tasks=600] \\
@@ -24,7 +24,7 @@ from absl import flags  # noqa: E402
 import tf_imaml  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 
 _MODEL = flags.DEFINE_string("model", str(PRETRAINED), "A .keras meta-learner.")
 _TASKS = flags.DEFINE_integer("tasks", 600, "Test tasks.", lower_bound=1)

@@ -62,8 +62,8 @@ from tf_imaml import tree  # noqa: E402
 from tf_imaml import unrolled  # noqa: E402
 
 NAME = "gradient_accuracy"
-PRETRAINED = pathlib.Path(__file__).resolve().parent.parent / "pretrained"
-PRETRAINED_MODEL = PRETRAINED / "imaml_omniglot_5way_1shot.keras"
+PRETRAINED = pathlib.Path(__file__).resolve().parent.parent / "tf_imaml" / "pretrained"
+PRETRAINED_MODEL = PRETRAINED / "omniglot_5way_1shot.keras"
 WEIGHTS = ("pretrained", "random")
 METHODS = ("imaml", "maml", "fomaml")
 DTYPES = ("float32", "float64")

@@ -36,7 +36,7 @@ import tf_imaml  # noqa: E402
 from tf_imaml import reporting  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 NAME = "inner_steps"
 
 
@@ -429,7 +429,7 @@ def _markdown(config: StudyConfig, models: list[dict]) -> str:
         "\n'failed fraction': share of training tasks whose iMAML linear solve failed "
         "(running mean over the whole run; MAML tasks fail only on non-finite values). The "
         "shipped model's row is its own training run (1000 meta-steps, on_failure='drop', "
-        "pretrained/README.md), not part of this command's training.\n",
+        "tf_imaml/pretrained/README.md), not part of this command's training.\n",
         "### Best K_test per model\n",
         reporting.markdown_table(
             [

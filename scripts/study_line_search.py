@@ -41,7 +41,7 @@ from tf_imaml import hessian_free  # noqa: E402
 from tf_imaml import reporting  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 NAME = "line_search"
 WEIGHTS = ("shipped", "random")
 

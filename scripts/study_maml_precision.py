@@ -51,8 +51,9 @@ from tf_imaml import unrolled  # noqa: E402
 NAME = "maml_precision"
 PRETRAINED_MODEL = (
     pathlib.Path(__file__).resolve().parent.parent
+    / "tf_imaml"
     / "pretrained"
-    / "imaml_omniglot_5way_1shot.keras"
+    / "omniglot_5way_1shot.keras"
 )
 WEIGHTS = ("random", "pretrained")
 DTYPES = ("float32", "float64")

@@ -61,7 +61,8 @@ def _imports(path: pathlib.Path) -> set[str]:
                 continue
             # `from tf_imaml import tree` needs the module, not the package's __init__.
             for alias in node.names:
-                is_module = (ROOT / "tf_imaml" / f"{alias.name}.py").exists()
+                package = ROOT / "tf_imaml" / alias.name / "__init__.py"
+                is_module = (ROOT / "tf_imaml" / f"{alias.name}.py").exists() or package.exists()
                 names.add(f"tf_imaml.{alias.name}" if is_module else "tf_imaml")
     return names
 

@@ -9,7 +9,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-PRETRAINED = ROOT / "pretrained" / "imaml_omniglot_5way_1shot.keras"
+PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 
 
 def test_shipped_model_is_far_above_chance(tmp_path):

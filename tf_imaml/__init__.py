@@ -4,7 +4,7 @@ Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurI
 
 The functional core (pure functions over task-batched lists of tensors):
 `tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. Keras pieces:
-`layers`, `models`.
+`layers`, `models`. Shipped meta-learners, loaded by name: `pretrained`.
 """
 
 from tf_imaml import baselines
@@ -23,6 +23,7 @@ from tf_imaml import linear_solve
 from tf_imaml import meta_model
 from tf_imaml import mini_imagenet
 from tf_imaml import models
+from tf_imaml import pretrained
 from tf_imaml import problems
 from tf_imaml import reporting
 from tf_imaml import tree
@@ -69,6 +70,7 @@ __all__ = [
     "minimize_proximal",
     "proximal_curvature",
     "models",
+    "pretrained",
     "problems",
     "reporting",
     "proximal_adapt",
