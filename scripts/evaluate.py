@@ -1,7 +1,8 @@
 """Evaluates a saved meta-learner on held-out Omniglot tasks: accuracy +- 95% CI.
 
-By default it evaluates the shipped pretrained iMAML model
-(`tf_imaml/pretrained/omniglot_5way_1shot.keras`) on 600 test tasks of the Vinyals split.
+By default it evaluates the shipped pretrained iMAML model (`omniglot_5way_1shot`, in
+`tf_imaml/pretrained/`) on 600 test tasks of the Vinyals split. `--model` is a `.keras` file
+or a shipped model's name (`tf_imaml.pretrained.names()`).
 
 Usage:
   python scripts/evaluate.py [--model=runs/omniglot/model.keras] [--tasks=600] \\
@@ -23,10 +24,11 @@ from absl import flags  # noqa: E402
 
 import tf_imaml  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
+PRETRAINED = "omniglot_5way_1shot"
 
-_MODEL = flags.DEFINE_string("model", str(PRETRAINED), "A .keras meta-learner.")
+_MODEL = flags.DEFINE_string(
+    "model", PRETRAINED, "A .keras meta-learner file, or a shipped model's name."
+)
 _TASKS = flags.DEFINE_integer("tasks", 600, "Test tasks.", lower_bound=1)
 _INNER_STEPS = flags.DEFINE_integer(
     "inner_steps", None, "Inner steps at test time (default: the model's).", lower_bound=0
@@ -48,7 +50,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write the result as JSON her
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    model: str = str(PRETRAINED)
+    model: str = PRETRAINED
     tasks: int = 600
     inner_steps: int | None = None
     test_lam: float | None = None
@@ -61,11 +63,23 @@ class EvalConfig:
     output: str | None = None
 
 
+def model_file(model: str) -> pathlib.Path:
+    """Resolves `--model`: an existing file, else a name from `tf_imaml.pretrained.names()`.
+
+    Raises:
+      ValueError: If `model` is neither a file nor a shipped model's name.
+    """
+    if pathlib.Path(model).is_file():
+        return pathlib.Path(model)
+    if model in tf_imaml.pretrained.names():
+        return tf_imaml.pretrained.path(model)
+    shipped = ", ".join(tf_imaml.pretrained.names())
+    raise ValueError(f"--model {model} is not a file nor a shipped model ({shipped})")
+
+
 def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
     """Loads the model, adapts it to `config.tasks` tasks and scores their query sets."""
-    if not pathlib.Path(config.model).is_file():
-        raise ValueError(f"--model {config.model} is not a file")
-    meta = keras.models.load_model(config.model)
+    meta = keras.models.load_model(str(model_file(config.model)))
     if config.inner_steps is not None:
         meta.inner_steps = config.inner_steps
     if config.test_lam is not None:
@@ -110,8 +124,10 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not pathlib.Path(_MODEL.value).is_file():
-        raise app.UsageError(f"--model {_MODEL.value} is not a file")
+    try:
+        model_file(_MODEL.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     config = EvalConfig(
         model=_MODEL.value,
         tasks=_TASKS.value,

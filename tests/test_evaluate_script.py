@@ -1,11 +1,14 @@
 """scripts/evaluate.py on the shipped pretrained model, run as a user runs it."""
 
+import importlib.util
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
@@ -45,4 +48,20 @@ def test_missing_model_is_a_clear_error(tmp_path):
         timeout=300,
         check=False,
     )
-    assert proc.returncode != 0 and "is not a file" in proc.stderr
+    assert proc.returncode != 0 and "is not a file nor a shipped model" in proc.stderr
+    assert "omniglot_5way_1shot" in proc.stderr
+
+
+def test_model_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("evaluate", ROOT / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, evaluate)  # dataclasses look it up there
+    spec.loader.exec_module(evaluate)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.model_file("omniglot_5way_1shot").samefile(PRETRAINED)
+    assert evaluate.model_file(str(PRETRAINED)) == PRETRAINED
+    # A file of the same name, given as a path, wins over the shipped model.
+    (tmp_path / "omniglot_5way_1shot").write_bytes(b"")
+    assert evaluate.model_file("omniglot_5way_1shot") == pathlib.Path("omniglot_5way_1shot")
+    with pytest.raises(ValueError, match=r"omniglot_5way is not a file nor .*omniglot_5way_1shot"):
+        evaluate.model_file("omniglot_5way")
