@@ -209,8 +209,10 @@ def test_few_shot_rejects_bad_arrays():
     kwargs = dict(ways=2, shots=1, queries=1, meta_batch_size=1, seed=0)
     with pytest.raises(ValueError, match="differ in length: 30 != 29"):
         episodes.few_shot_episodes(images, labels[:-1], **kwargs)
-    with pytest.raises(ValueError, match=r"images must be \[N, H, W\]"):
-        episodes.few_shot_episodes(images[:, 0], labels, **kwargs)
+    with pytest.raises(ValueError, match=r"images must be \[N, \.\.\.\] examples"):
+        episodes.few_shot_episodes(images[:, 0, 0], labels, **kwargs)
+    with pytest.raises(ValueError, match="rotations need images"):
+        episodes.few_shot_episodes(images[:, 0], labels, **kwargs, rotations=(0, 90))
     with pytest.raises(ValueError, match="images must be numeric"):
         episodes.few_shot_episodes(images.astype(str), labels, **kwargs)
     with pytest.raises(ValueError, match="labels must be a 1-D integer array"):

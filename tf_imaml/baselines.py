@@ -33,6 +33,7 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
         inner_learning_rate: float = 0.4,
         on_failure: str = "drop",
         task_batching: str = "auto",
+        second_order: bool = False,
         name: str | None = None,
     ):
         super().__init__(
@@ -41,6 +42,7 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
             task_batching=task_batching,
+            second_order=second_order,
             name=name,
         )
 
@@ -89,6 +91,7 @@ class MAML(_GradientDescentAdaptation):
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
             task_batching=task_batching,
+            second_order=not first_order,
             name=name,
         )
         self.first_order = bool(first_order)

@@ -114,6 +114,11 @@ def apply(model: keras.Sequential, params: list, x: tf.Tensor) -> tf.Tensor:
 
 
 def _apply_layer(layer, weights, x):
+    # Under a mixed dtype policy the weights are float32 and the layer computes in its
+    # compute dtype, as a Keras layer's own call does (autocast).
+    dtype = layer.compute_dtype
+    weights = [tf.cast(w, dtype) for w in weights]
+    x = tf.cast(x, dtype)
     if isinstance(layer, keras.layers.Conv2D):
         y = _conv2d(layer, weights[0], x)
         if layer.use_bias:

@@ -97,8 +97,16 @@ def _check_counts_and_labels(labels, ways, shots, queries, meta_batch_size, seed
 
 def _check_few_shot_inputs(images, labels, ways, shots, queries, meta_batch_size, seed, rotations):
     _check_counts_and_labels(labels, ways, shots, queries, meta_batch_size, seed)
-    if images.ndim not in (3, 4):
-        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
+    if images.ndim < 2:
+        raise ValueError(
+            f"images must be [N, ...] examples (feature vectors [N, D], images [N, H, W] or "
+            f"[N, H, W, C], or any other shape), got shape {images.shape}"
+        )
+    if images.ndim not in (3, 4) and tuple(rotations) != (0,):
+        raise ValueError(
+            f"rotations need images [N, H, W] or [N, H, W, C], got shape {images.shape}; "
+            "use rotations=(0,)"
+        )
     if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
         raise ValueError(f"images must be numeric, got dtype {images.dtype}")
     if len(images) != len(labels):
@@ -201,7 +209,7 @@ def few_shot_episodes(
     first_batch: int = 0,
     dtype: tf.dtypes.DType = tf.float32,
 ) -> tf.data.Dataset:
-    """N-way K-shot classification episodes from a labelled image array.
+    """N-way K-shot classification episodes from a labelled array of examples.
 
     Each (class, rotation) pair is a class of its own, the Omniglot augmentation of Santoro
     et al. (2016) and Finn et al. (2017): rotating by `r` degrees applies `np.rot90` `r / 90`
@@ -213,14 +221,16 @@ def few_shot_episodes(
     can appear in a task twice, turned differently; within a (class, rotation) pair it cannot.
 
     Args:
-      images: `[N, H, W, C]` or `[N, H, W]` (a channel axis is added) numeric array.
+      images: `[N, ...]` numeric array of examples: feature vectors `[N, D]`, images
+        `[N, H, W, C]` or `[N, H, W]` (a channel axis is added), or any other shape.
       labels: `[N]` integer class labels; the classes are the distinct values.
       ways: Classes per task.
       shots: Support examples per class.
       queries: Query examples per class.
       meta_batch_size: Tasks per element (`T`).
       seed: Non-negative integer; batch `i` is drawn from `np.random.default_rng([seed, i])`.
-      rotations: Distinct angles from {0, 90, 180, 270}; 90 and 270 need `H == W`.
+      rotations: Distinct angles from {0, 90, 180, 270}; other than `(0,)` they need
+        images of rank 3 or 4, and 90 and 270 need `H == W`.
         Default value: `(0,)` (no augmentation).
       num_batches: Number of elements, or `None` for an endless dataset.
         Default value: `None`.
@@ -231,7 +241,7 @@ def few_shot_episodes(
 
     Returns:
       A `tf.data.Dataset` of `((support_x, support_y, query_x), query_y)`: `support_x`
-      `[T, ways * shots, H, W, C]`, `support_y` `[T, ways * shots]` int32 in `[0, ways)`,
+      `[T, ways * shots, H, W, C]` (for images; `[T, ways * shots, ...]` in general), `support_y` `[T, ways * shots]` int32 in `[0, ways)`,
       `query_x` `[T, ways * queries, H, W, C]`, `query_y` `[T, ways * queries]` int32.
 
     Raises:

@@ -174,6 +174,8 @@ class ImplicitMAML(meta_model.MetaLearner):
         self.max_residual = float(max_residual)
         self.hvp_mode = hvp_mode
         self.curvature_iterations = curvature_iterations
+        for metric_name in ("solver_residual", "solver_iterations"):
+            self._trackers[metric_name] = keras.metrics.Mean(name=metric_name)
         if curvature_iterations:
             for metric_name in ("min_curvature", "indefinite_fraction"):
                 self._trackers[metric_name] = keras.metrics.Mean(name=metric_name)

@@ -183,6 +183,27 @@ def check_second_order_safe(model: keras.layers.Layer) -> None:
         )
 
 
+def has_keras_batch_normalization(model: keras.layers.Layer) -> bool:
+    """Whether `model` holds a `keras.layers.BatchNormalization` (or subclass)."""
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in _all_layers(model))
+
+
+_RANDOM_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+)
+
+
+def random_layers(model: keras.layers.Layer) -> list[str]:
+    """Names of the layers of `model` that are random in training mode (Dropout, noise)."""
+    return [layer.name for layer in _all_layers(model) if isinstance(layer, _RANDOM_LAYERS)]
+
+
 def _all_layers(model: keras.layers.Layer) -> list:
     if hasattr(model, "_flatten_layers"):
         return list(model._flatten_layers(include_self=True, recursive=True))

@@ -92,6 +92,9 @@ class MetaLearner(keras.Model):
         still not finite are always dropped, and a step whose mean gradient is not finite
         (or has no task left) is skipped: the weights and the optimizer do not move, and
         the `skipped_steps` metric counts it. Default value: `"drop"`.
+      second_order: Whether the algorithm takes second derivatives through the learner
+        (then Keras normalization layers, whose second derivatives are wrong on TensorFlow,
+        are refused). Default value: `True`.
       task_batching: How the tasks of a meta-batch share ops. `"batched"`: all tasks
         together, one op per layer with per-task weights (`tf_imaml.batched`), for the
         support and the query sets. `"support"`: batched on the support sets (the inner
@@ -113,6 +116,7 @@ class MetaLearner(keras.Model):
         inner_learning_rate: float,
         on_failure: str = "drop",
         task_batching: str = "auto",
+        second_order: bool = True,
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -120,7 +124,20 @@ class MetaLearner(keras.Model):
             raise ValueError(f"learner must be a keras.Model, got {type(learner).__name__}")
         if not learner.built or not learner.trainable_variables:
             raise ValueError("learner must be built and have trainable weights")
-        layers_lib.check_second_order_safe(learner)
+        self._second_order = bool(second_order)
+        if second_order:
+            layers_lib.check_second_order_safe(learner)
+        # Keras BatchNormalization (first-order algorithms only) normalizes each task by its
+        # own batch statistics in every mode, as the paper does: the learner runs in training
+        # mode for it, and its moving statistics are never used or updated.
+        self._batch_statistics = layers_lib.has_keras_batch_normalization(learner)
+        if self._batch_statistics and layers_lib.random_layers(learner):
+            raise ValueError(
+                f"{learner.name!r} has Keras BatchNormalization and random layers "
+                f"({', '.join(layers_lib.random_layers(learner))}): BatchNormalization runs in "
+                "training mode at every step (per-task statistics), which would leave the "
+                "random layers on at test time; use tf_imaml.layers.BatchStatNormalization"
+            )
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         checks.check_positive("inner_learning_rate", inner_learning_rate)
@@ -145,13 +162,12 @@ class MetaLearner(keras.Model):
                 "pre_adaptation_loss",
                 "support_loss",
                 "inner_grad_norm",
-                "solver_residual",
-                "solver_iterations",
                 "failed_fraction",
                 "meta_grad_norm",
             )
         }
         self.skipped_steps = keras.metrics.Sum(name="skipped_steps")
+        self._task_loss = None  # set by compile
         self._pre_adaptation_metrics = []
         self._pre_adaptation_specs = []
         self._pre_adaptation_resolved = True
@@ -167,23 +183,18 @@ class MetaLearner(keras.Model):
         self._task_loss = keras.losses.get(loss) if isinstance(loss, str) else loss
         self._pre_adaptation_specs = list(metrics or [])
         self._pre_adaptation_metrics.clear()  # untracks a previous compile's copies
-        self._pre_adaptation_metrics.extend(
-            _pre_adaptation_copy(m) for m in self._pre_adaptation_specs
-        )
-        # Keras resolves "accuracy" and "crossentropy" from the label and output shapes when
-        # it builds the compile metrics; the copies of those follow it then.
-        self._pre_adaptation_resolved = not any(
-            _shape_resolved(m) for m in self._pre_adaptation_specs
-        )
+        # Keras resolves metric identifiers ("acc", "mae", functions) and names them when it
+        # builds the compile metrics, from the label and output shapes; the pre-adaptation
+        # copies are made from those, so they accept and are named as Keras's own.
+        self._pre_adaptation_resolved = not self._pre_adaptation_specs
 
     def _resolve_pre_adaptation_metrics(self) -> None:
-        """Re-copies the pre-adaptation metrics from the built compile metrics (once)."""
+        """Copies the built compile metrics as `pre_adaptation_<name>` metrics (once)."""
         if self._pre_adaptation_resolved or not getattr(self._compile_metrics, "built", False):
             return
         compiled = {m.name: m for m in self._compile_metrics.metrics}
         copies = [
-            _pre_adaptation_copy(compiled.get(m, m) if isinstance(m, str) else m)
-            for m in self._pre_adaptation_specs
+            _pre_adaptation_copy(compiled[_metric_name(m)]) for m in self._pre_adaptation_specs
         ]
         self._pre_adaptation_metrics.clear()
         self._pre_adaptation_metrics.extend(copies)
@@ -226,7 +237,7 @@ class MetaLearner(keras.Model):
         """Mean over each task's examples of the compiled loss: `[T]`."""
         loss = self._task_loss
         per_example = loss.call(y, pred) if isinstance(loss, keras.losses.Loss) else loss(y, pred)
-        per_example = tf.cast(per_example, pred.dtype)
+        per_example = tf.cast(per_example, self.learner.trainable_variables[0].dtype)
         return tf.reduce_mean(tf.reshape(per_example, [tf.shape(pred)[0], -1]), axis=1)
 
     # ----------------------------------------------------------------- learner, per task
@@ -234,31 +245,94 @@ class MetaLearner(keras.Model):
     def _theta(self):
         return [tf.convert_to_tensor(v) for v in self.learner.trainable_variables]
 
-    def _apply(self, params, x, *, batched: bool):
+    def _apply(self, params, x, *, batched: bool, training: bool, task_offset=0, salt: int = 0):
         """Learner outputs for task-batched `params` and inputs `x` (`[T, n, ...]`).
 
         All tasks in one pass (`tf_imaml.batched`) or task by task with `stateless_call`;
         normalization statistics come from each task's own batch (the paper's setting).
+
+        `training` is the learner's training mode (Dropout, noise layers, Keras
+        normalization). In training, every random layer draws from a seed made of its own
+        seed-generator state, the optimizer's iteration count, the task's index in the
+        meta-batch (`task_offset + t`) and `salt` (0 support, 1 query): each task of each
+        meta-step has its own masks, and they are the same at every inner step and every
+        Hessian-vector product of that task, so the support loss stays one function of the
+        parameters, as the implicit function theorem needs.
         """
+        dtype = params[0].dtype
+        scale = self._loss_scale()
+        if scale is not None:
+            # Loss scaling (mixed_float16): gradients flow through the float16 layers scaled
+            # up by `scale` and reach the float32 parameters scaled back down, so that every
+            # gradient, Hessian-vector product and linear solve outside sees true values.
+            params = [_scale_gradient(p, 1.0 / scale) for p in params]
+        out = self._apply_unscaled(
+            params, x, batched=batched, training=training, task_offset=task_offset, salt=salt
+        )
+        if scale is not None:
+            out = _scale_gradient(out, scale)
+        # Outputs in the parameters' dtype (float32 under a mixed policy): the losses, the
+        # proximal term and the linear solve stay in float32.
+        return tf.cast(out, dtype)
+
+    def _loss_scale(self):
+        """The loss scale of a `LossScaleOptimizer` (Keras's under `mixed_float16`), else None.
+
+        Only for first-order algorithms: through `_scale_gradient`'s custom gradient the
+        second derivatives come out wrong (a float16 meta-step of iMAML was 28% off float32
+        with any scale other than 1, and 5.8e-4 off without scaling; MAML 18% and 3.8e-4),
+        so algorithms that take second derivatives run float16 without loss scaling.
+        """
+        if self._second_order:
+            return None
+        optimizer = getattr(self, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return tf.stop_gradient(tf.cast(optimizer.dynamic_scale, tf.float32))
+        return None
+
+    def _halve_loss_scale(self):
+        """What Keras's `LossScaleOptimizer` does on an overflow: halve the scale."""
+        scale = self.optimizer.dynamic_scale
+        scale.assign(scale / 2.0)
+        self.optimizer.step_counter.assign(0)
+
+    def _apply_unscaled(self, params, x, *, batched, training, task_offset, salt):
         if batched:
             return batched_lib.apply(self.learner, params, x)
-        non_trainable = [tf.convert_to_tensor(v) for v in self.learner.non_trainable_variables]
+        variables = self.learner.non_trainable_variables
+        non_trainable = [tf.convert_to_tensor(v) for v in variables]
+        seed_slots = [i for i, v in enumerate(variables) if _is_seed_state(v)] if training else []
+        iterations = (
+            self.optimizer.iterations if getattr(self, "optimizer", None) is not None else 0
+        )
 
         def one(t):
+            state = list(non_trainable)
+            for i in seed_slots:
+                dtype = state[i].dtype
+                index = tf.cast(task_offset, dtype) + tf.cast(t, dtype)
+                shift = tf.stack([index * 1_000_003 + salt, tf.cast(iterations, dtype)])
+                state[i] = state[i] + shift
             out, _ = self.learner.stateless_call(
-                [p[t] for p in params], non_trainable, x[t], training=True
+                [p[t] for p in params], state, x[t], training=training or self._batch_statistics
             )
-            return out
+            return tf.cast(out, params[0].dtype)
 
         if params[0].shape[0] == 1:
             return one(0)[tf.newaxis]
         return tf.map_fn(one, tf.range(tf.shape(x)[0]), fn_output_signature=params[0].dtype)
 
-    def _support_loss_fn(self, support_x, support_y):
+    def _support_loss_fn(self, support_x, support_y, *, training: bool = False, task_offset=0):
         """The inner loss closure: task-batched parameters -> per-task support loss."""
 
         def loss_fn(params):
-            pred = self._apply(params, support_x, batched=self._batch_support)
+            pred = self._apply(
+                params,
+                support_x,
+                batched=self._batch_support,
+                training=training,
+                task_offset=task_offset,
+            )
             return self._per_task_loss(support_y, pred)
 
         return loss_fn
@@ -274,13 +348,29 @@ class MetaLearner(keras.Model):
         """Adapts and computes the per-task meta-gradients (training): an `AdaptResult`."""
         raise NotImplementedError
 
-    def _task_fn(self, support_x, support_y, query_x, query_y, *, training: bool) -> TaskOutputs:
-        """The per-task computation over task-batched tensors."""
+    def _task_fn(
+        self, support_x, support_y, query_x, query_y, *, training: bool, task_offset=0
+    ) -> TaskOutputs:
+        """The per-task computation over task-batched tensors.
+
+        `training` is true in `train_step` only: the learner then runs in training mode in
+        the inner loop and on the query set; evaluation, prediction and `adapt` run it in
+        inference mode throughout (no Dropout, no noise).
+        """
         theta = tree.broadcast_to_tasks(self._theta(), tf.shape(support_x)[0])
-        support_loss_fn = self._support_loss_fn(support_x, support_y)
+        support_loss_fn = self._support_loss_fn(
+            support_x, support_y, training=training, task_offset=task_offset
+        )
 
         def query_loss_fn(params):
-            pred = self._apply(params, query_x, batched=self._batch_query)
+            pred = self._apply(
+                params,
+                query_x,
+                batched=self._batch_query,
+                training=training,
+                task_offset=task_offset,
+                salt=1,
+            )
             return self._per_task_loss(query_y, pred), pred
 
         if training:
@@ -330,6 +420,7 @@ class MetaLearner(keras.Model):
         Returns:
           A new Keras model (a clone of the learner) holding `phi`; usable on its own.
         """
+        self._require_compiled("adapt")
         support_x = tf.convert_to_tensor(support_x)
         support_y = tf.convert_to_tensor(support_y)
         learner_inputs = getattr(self.learner, "inputs", None)
@@ -347,6 +438,7 @@ class MetaLearner(keras.Model):
                     training=False,
                 ).adapted_params
             )
+            _once_per_model(self._adapt_function)
         phi = self._adapt_function(support_x, support_y)
         model = keras.models.clone_model(self.learner)
         for variable, value in zip(model.trainable_variables, phi, strict=True):
@@ -364,7 +456,10 @@ class MetaLearner(keras.Model):
         dtype = self.learner.trainable_variables[0].dtype
 
         def one(elems):
-            outputs = self._task_fn(*[e[tf.newaxis] for e in elems], training=training)
+            index, *task = elems
+            outputs = self._task_fn(
+                *[e[tf.newaxis] for e in task], training=training, task_offset=index
+            )
             return tf.nest.map_structure(lambda t: t[0], outputs)
 
         grad_spec = [tf.TensorSpec(v.shape, v.dtype) for v in self.learner.trainable_variables]
@@ -382,12 +477,16 @@ class MetaLearner(keras.Model):
             failed=tf.TensorSpec([], tf.bool),
             min_curvature=tf.TensorSpec([], dtype),
         )
-        return tf.map_fn(one, (support_x, support_y, query_x, query_y), fn_output_signature=spec)
+        index = tf.range(tf.shape(support_x)[0])
+        return tf.map_fn(
+            one, (index, support_x, support_y, query_x, query_y), fn_output_signature=spec
+        )
 
     # ----------------------------------------------------------------- Keras steps
 
     def call(self, inputs, training=False):
         """Adapted predictions on the query set: `inputs = (support_x, support_y, query_x)`."""
+        self._require_compiled("__call__")
         support_x, support_y, query_x = self._check_inputs(inputs)
         # Query labels are unknown here; zeros stand in for them (their loss is not used).
         dummy_y = tf.zeros(
@@ -398,13 +497,20 @@ class MetaLearner(keras.Model):
     def train_step(self, data):
         (support_x, support_y, query_x), query_y = self._unpack(data)
         out = self._run_tasks(support_x, support_y, query_x, query_y, training=True)
-        grads = self._apply_mean(*self._aggregate(out))
+        grad_sums, num_used = self._aggregate(out)
+        # Under loss scaling, a non-finite query gradient is an overflow (a failed linear
+        # solve is not).
+        overflow = ~tf.reduce_all(tree.all_finite(out.fallback_grads))
+        grads = self._apply_mean(grad_sums, num_used, overflow=overflow)
         logs = self._update_metrics(out, query_y)
         num_tasks = tf.cast(tf.shape(out.failed)[0], out.query_loss.dtype)
         # Failed solves of tf.linalg's CG leave NaN residuals; failed_fraction counts them.
-        finite = tf.math.is_finite(out.solver_residual)
-        self._trackers["solver_residual"].update_state(tf.boolean_mask(out.solver_residual, finite))
-        self._trackers["solver_iterations"].update_state(tf.reduce_mean(out.solver_iterations))
+        if "solver_residual" in self._trackers:  # algorithms with a linear solve
+            finite = tf.math.is_finite(out.solver_residual)
+            self._trackers["solver_residual"].update_state(
+                tf.boolean_mask(out.solver_residual, finite)
+            )
+            self._trackers["solver_iterations"].update_state(tf.reduce_mean(out.solver_iterations))
         self._trackers["failed_fraction"].update_state(
             tf.reduce_sum(tf.cast(out.failed, num_tasks.dtype)) / num_tasks
         )
@@ -443,41 +549,85 @@ class MetaLearner(keras.Model):
             data = data[0]  # (x,) from Keras, or (x, query_y) from an episode dataset.
         return self(data, training=False)
 
+    # ----------------------------------------------------------------- traced functions
+
+    def make_train_function(self, force=False):
+        function = super().make_train_function(force=force)
+        _once_per_model(self.train_function)
+        return function
+
+    def make_test_function(self, force=False):
+        function = super().make_test_function(force=force)
+        _once_per_model(self.test_function)
+        return function
+
+    def make_predict_function(self, force=False):
+        function = super().make_predict_function(force=force)
+        _once_per_model(self.predict_function)
+        return function
+
     # ----------------------------------------------------------------- eager input checks
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """Keras `fit`; episodes given as arrays are checked first (see `check_episode`)."""
+        self._require_compiled("fit")
+        for name in ("class_weight", "sample_weight"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{name} is not supported by {type(self).__name__}.fit: every task counts "
+                    "once in the meta-gradient; weight tasks or classes in the episode sampler"
+                )
         self._check_arrays(x, y)
         self._build_state(x, y, optimizer=True)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """Keras `evaluate`; episodes given as arrays are checked first."""
+        self._require_compiled("evaluate")
         self._check_arrays(x, y)
         self._build_state(x, y, optimizer=False)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         """Keras `predict`; episodes given as arrays are checked first."""
+        self._require_compiled("predict")
         self._check_arrays(x, None)
         return super().predict(x, *args, **kwargs)
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
         """Keras `train_on_batch`; the episode is checked first."""
+        self._require_compiled("train_on_batch")
         self._check_arrays(x, y)
         self._build_state(x, y, optimizer=True)
         return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
         """Keras `test_on_batch`; the episode is checked first."""
+        self._require_compiled("test_on_batch")
         self._check_arrays(x, y)
         self._build_state(x, y, optimizer=False)
         return super().test_on_batch(x, y, *args, **kwargs)
 
     def predict_on_batch(self, x):
         """Keras `predict_on_batch`; the episode is checked first."""
+        self._require_compiled("predict_on_batch")
         self._check_arrays(x, None)
         return super().predict_on_batch(x)
+
+    def _require_compiled(self, method: str) -> None:
+        """Keras's "call `compile()` first", saying what each method needs."""
+        if self._task_loss is not None:
+            return
+        needs = (
+            "a loss for the inner loop: call `compile(loss=...)` first (prediction and "
+            "`adapt` need only the loss; `fit` also uses the optimizer)"
+            if method in ("predict", "predict_on_batch", "adapt", "__call__")
+            else "an optimizer and a loss: call `compile(optimizer=..., loss=...)` first"
+        )
+        raise ValueError(
+            f"You must call `compile()` before using the model: {type(self).__name__}.{method} "
+            f"needs {needs}."
+        )
 
     def _check_arrays(self, x, y):
         if isinstance(x, (tuple, list)) and all(_is_concrete(t) for t in (*x, y) if t is not None):
@@ -548,7 +698,7 @@ class MetaLearner(keras.Model):
         num_used = tf.reduce_sum(tf.cast(usable, grads[0].dtype))
         return [tf.reduce_sum(g, axis=0) for g in grads], num_used
 
-    def _apply_mean(self, grad_sums, num_used):
+    def _apply_mean(self, grad_sums, num_used, *, overflow=False):
         """Applies the mean meta-gradient unless no task was usable or it is not finite.
 
         Under a `tf.distribute` strategy the counts are all-reduced, so that the step is the
@@ -564,12 +714,21 @@ class MetaLearner(keras.Model):
             num_used = replica.all_reduce(tf.distribute.ReduceOp.SUM, num_used)
             num_bad = replica.all_reduce(tf.distribute.ReduceOp.SUM, num_bad)
         ok = (num_used > 0) & (num_bad == 0)
+        if self._loss_scale() is not None:
+            # Dynamic loss scaling as Keras does it: a step in which any task's gradient
+            # overflowed is skipped, and the LossScaleOptimizer halves its scale.
+            ok &= ~overflow
         grads = [g / tf.maximum(num_used, 1.0) for g in grad_sums]
         variables = self.learner.trainable_variables
         if not self.optimizer.built:
             self.optimizer.build(variables)
 
         def apply(grads):
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                # The meta-gradients are already unscaled (see `_apply`); the optimizer
+                # divides by its scale, so it gets them scaled, and grows the scale as usual.
+                scale = self.optimizer.dynamic_scale
+                grads = [g * tf.cast(scale, g.dtype) for g in grads]
             self.optimizer.apply_gradients(zip(grads, variables, strict=True))
 
         if distributed:
@@ -586,6 +745,12 @@ class MetaLearner(keras.Model):
             replica.merge_call(cross_replica, args=(ok, grads))
         else:
             tf.cond(ok, lambda: apply(grads) or tf.constant(True), lambda: tf.constant(False))
+            if self._loss_scale() is not None:
+                tf.cond(
+                    overflow,
+                    lambda: self._halve_loss_scale() or tf.constant(True),
+                    lambda: tf.constant(False),
+                )
         self.skipped_steps.update_state(1.0 - tf.cast(ok, tf.float32))
         return [g * num_replicas for g in grads]
 
@@ -594,7 +759,10 @@ class MetaLearner(keras.Model):
         if query_y is None:
             raise ValueError("an episode must be ((support_x, support_y, query_x), query_y)")
         if sample_weight is not None:
-            raise ValueError("sample weights are not supported: weight tasks in the sampler")
+            raise ValueError(
+                "sample weights (sample_weight, or class_weight in fit) are not supported: "
+                "weight tasks or classes in the episode sampler"
+            )
         support_x, support_y, query_x = self._check_inputs(inputs)
         query_y = tf.convert_to_tensor(query_y)
         query_y = _check_labels(self, "query", query_x, query_y)
@@ -653,6 +821,50 @@ def _check_example_shape(learner, name: str, shape) -> None:
             f"{tuple(want)}, so {name} must be [tasks, examples, "
             f"{', '.join(str(d) for d in want)}]"
         )
+
+
+def _scale_gradient(x, factor):
+    """Identity whose gradient is multiplied by `factor` (twice differentiable)."""
+
+    @tf.custom_gradient
+    def op(x):
+        def grad(dy):
+            return dy * tf.cast(factor, dy.dtype)
+
+        return tf.identity(x), grad
+
+    return op(x)
+
+
+def _once_per_model(function) -> None:
+    """Silences TensorFlow's frequent-retracing warning for one model's step function.
+
+    TensorFlow counts traces per Python code object, not per `tf.function`: N meta-models
+    in one process, each tracing its own step once, look like one function retraced N
+    times and log "triggered tf.function retracing". Each model traces each step once
+    (`tests/test_imaml.py` counts it), so for these functions the warning is wrong.
+    Keras wraps its `tf.function`s in a plain Python closure (`TensorFlowTrainer.
+    _make_function`), so the closure's cells are searched too (two levels deep).
+    """
+    _silence_retracing_warning(function, depth=2)
+
+
+def _silence_retracing_warning(function, *, depth: int) -> None:
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    if depth and getattr(function, "__closure__", None):
+        for cell in function.__closure__:
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(contents) and contents is not function:
+                _silence_retracing_warning(contents, depth=depth - 1)
+
+
+def _is_seed_state(variable) -> bool:
+    """The state variable of a `keras.random.SeedGenerator` (Dropout, GaussianNoise, ...)."""
+    return variable.name == "seed_generator_state" and tuple(variable.shape) == (2,)
 
 
 def _is_concrete(t) -> bool:
@@ -772,6 +984,18 @@ def _check_labels(model, split, x, y):
     num_outputs = (
         model.learner.outputs[0].shape[-1] if getattr(model.learner, "outputs", None) else None
     )
+    if (
+        _is_sparse_loss(getattr(model, "_task_loss", None))
+        and y.shape.rank == 3
+        and num_outputs is not None
+        and num_outputs > 1
+        and y.shape[-1] == num_outputs
+    ):
+        raise ValueError(
+            f"{split}_y has shape {y.shape}: one-hot labels, but the loss takes integer class "
+            "labels; use CategoricalCrossentropy for one-hot labels, or integer labels "
+            "[tasks, examples]"
+        )
     if y.dtype.is_integer and num_outputs is not None and y.shape.rank == 2:
         label_checks = [
             tf.debugging.assert_non_negative(y, f"{split}_y has negative class labels"),
@@ -786,17 +1010,23 @@ def _check_labels(model, split, x, y):
     return y
 
 
-def _shape_resolved(metric) -> bool:
-    """Whether Keras picks this compiled metric's class from the label and output shapes."""
-    return isinstance(metric, str) and metric.lower() in ("accuracy", "acc", "crossentropy", "ce")
+def _is_sparse_loss(loss) -> bool:
+    """A loss that takes integer class labels (sparse categorical cross-entropy)."""
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True
+    name = getattr(loss, "__name__", None) or getattr(loss, "name", None) or str(loss)
+    return "sparse_categorical" in str(name)
 
 
-def _pre_adaptation_copy(metric):
-    """A fresh copy of a compiled metric, named `pre_adaptation_<name>`."""
+def _metric_name(metric) -> str:
+    """The name Keras gives a compiled metric: the string itself, else the object's name."""
     if isinstance(metric, str):
-        metric = keras.metrics.get(metric)
-        if not isinstance(metric, keras.metrics.Metric):
-            metric = keras.metrics.MeanMetricWrapper(metric, name=metric.__name__)
+        return metric
+    return getattr(metric, "name", None) or metric.__name__
+
+
+def _pre_adaptation_copy(metric: keras.metrics.Metric) -> keras.metrics.Metric:
+    """A fresh copy of a built compile metric, named `pre_adaptation_<its name>`."""
     config = metric.get_config()
-    config["name"] = "pre_adaptation_" + config.get("name", metric.name)
+    config["name"] = "pre_adaptation_" + metric.name
     return metric.__class__.from_config(config)
