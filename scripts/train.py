@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -557,7 +558,8 @@ def main(argv):
     except ValueError as err:
         raise app.UsageError(str(err)) from None
     try:
-        result = train(config)
+        # A progress bar for a person at a terminal; one line per epoch in a log file.
+        result = train(config, verbose=1 if sys.stdout.isatty() else 2)
     except tf_imaml.callbacks.TrainingDiverged as err:
         raise SystemExit(f"training diverged: {err}") from None
     print(
