@@ -184,18 +184,18 @@ def _split_times(meta, episode, config: Config) -> dict:
 
     def inner_fn(sx, sy):
         theta = tree.broadcast_to_tasks(meta._theta(), tf.shape(sx)[0])
-        return meta._inner_solve(theta, meta._support_loss_fn(sx, sy)).adapted_params
+        return meta._inner_solve(theta, meta._support_loss_fn(sx, sy, training=True)).adapted_params
 
     def query_fn(phi, qx, qy):
         def loss_fn(params):
-            pred = meta._apply(params, qx, batched=meta._batch_query)
+            pred = meta._apply(params, qx, batched=meta._batch_query, training=True)
             return meta._per_task_loss(qy, pred), pred
 
         return meta_model.query_value_and_grad(loss_fn, phi)[2]
 
     def solve_fn(phi, v, sx, sy):
         return implicit.implicit_meta_gradient(
-            meta._support_loss_fn(sx, sy),
+            meta._support_loss_fn(sx, sy, training=True),
             phi,
             v,
             lam=meta.lam,
