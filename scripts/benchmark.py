@@ -18,11 +18,14 @@ Usage:
   python scripts/benchmark.py --tiny --output_dir=/tmp/bench   # a smoke run in a minute
   python scripts/benchmark.py --dataset=mini_imagenet --meta_batch_size=4 --reference_inner_steps=5 \
       --algorithms= --task_batching= --batch_sizes= --cg_steps= --onednn=imaml_gd,fomaml,maml
+  python scripts/benchmark.py --algorithms= --task_batching= --batch_sizes= --cg_steps= \
+      --onednn= --precision=float32,mixed_bfloat16,mixed_float16   # dtype policies
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -40,6 +43,9 @@ from absl import flags  # noqa: E402
 
 ALGORITHMS = ("imaml_gd", "imaml_momentum", "imaml_adam", "imaml_hf", "maml", "fomaml")
 TASK_BATCHING = ("per_task", "support", "batched")
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+# CPU flags of the low-precision instructions, reported with the machine.
+CPU_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/benchmark", "Where results go.")
 _DATASET = flags.DEFINE_enum(
@@ -63,6 +69,13 @@ _ONEDNN = flags.DEFINE_list(
     ["imaml_gd"],
     "Algorithms timed at the reference K with TensorFlow's oneDNN kernels off and on "
     "(TF_ENABLE_ONEDNN_OPTS=0 and 1; TensorFlow turns them on only on some Intel CPUs).",
+)
+_PRECISION = flags.DEFINE_list(
+    "precision",
+    [],
+    f"Keras dtype policies ({', '.join(POLICIES)}; float32 among them) under which iMAML-GD "
+    "is timed at the reference K with oneDNN on, side by side, each with the relative L2 "
+    "error of its meta-gradient (same initial weights, same episode) against float32's.",
 )
 _REFERENCE_K = flags.DEFINE_integer("reference_inner_steps", 16, "K of the scaling runs.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed meta-steps per configuration.", lower_bound=1)
@@ -103,6 +116,7 @@ class Config:
     onednn: str = ""  # TF_ENABLE_ONEDNN_OPTS for the worker: "0", "1" or "" (inherited).
     dataset: str = "omniglot"
     data_dir: str | None = None  # mini-ImageNet only
+    policy: str = ""  # Keras dtype policy of the worker; set, it also reads the meta-gradient.
 
 
 def _mini_imagenet(config: Config) -> bool:
@@ -119,7 +133,7 @@ def _vm_hwm_mb() -> float:
     return float("nan")
 
 
-def _build(config: Config):
+def _build(config: Config, *, optimizer=None):
     import keras
 
     import tf_imaml
@@ -151,10 +165,45 @@ def _build(config: Config):
     else:
         meta = tf_imaml.MAML(learner, first_order=config.algorithm == "fomaml", **common)
     meta.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=optimizer or keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return meta
+
+
+def _meta_gradient_file(config: Config) -> pathlib.Path:
+    """Where the worker of a dtype policy leaves its meta-gradient, next to the episodes."""
+    return pathlib.Path(config.episodes).parent / f"meta_grad_{config.policy}.npy"
+
+
+def _meta_gradient(config: Config, episode) -> dict:
+    """The meta-gradient of one step from the seed-0 weights, read off an `SGD(1.0)` step.
+
+    With the public API, as `tests/test_keras_conformance.py` reads it: `theta - theta'`
+    after `train_on_batch`, on a fresh model built under the process's dtype policy. The
+    difference is taken in float64, so its only error is the rounding of the float32
+    `theta'`: at most `2**-24 * |theta'|` per weight, which `readoff_bound` states relative
+    to the gradient's norm. Saves the vector to `_meta_gradient_file(config)`.
+    """
+    import keras
+
+    meta = _build(config, optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    variables = meta.learner.trainable_variables
+    before = np.concatenate([np.ravel(v.numpy()) for v in variables])
+    logs = meta.train_on_batch(*episode, return_dict=True)
+    after = np.concatenate([np.ravel(v.numpy()) for v in variables])
+    grad = before.astype(np.float64) - after.astype(np.float64)
+    np.save(_meta_gradient_file(config), grad)
+    norm = float(np.linalg.norm(grad))
+    return {
+        "compute_dtype": meta.learner.dtype_policy.compute_dtype,
+        "variable_dtype": str(variables[0].dtype),
+        "initial_weights_sha1": hashlib.sha1(before.tobytes()).hexdigest(),
+        "meta_grad_norm": norm,
+        # None when every task's solve failed (the step was skipped: no gradient to read).
+        "readoff_bound": float(2.0**-24 * np.linalg.norm(after) / norm) if norm else None,
+        "meta_grad_failed_fraction": float(logs.get("failed_fraction", 0.0)),
+    }
 
 
 def _split_times(meta, episode, config: Config) -> dict:
@@ -229,9 +278,16 @@ def _split_times(meta, episode, config: Config) -> dict:
 
 
 def run_worker(config: Config) -> dict:
-    """Builds the configuration, times its meta-steps; returns the measurements."""
+    """Builds the configuration, times its meta-steps; returns the measurements.
+
+    Under a dtype policy (`config.policy`, set before anything is built), it then reads the
+    meta-gradient of the first episode from the seed-0 weights (`_meta_gradient`).
+    """
+    import keras
     import tensorflow as tf
 
+    if config.policy:
+        keras.mixed_precision.set_global_policy(config.policy)
     data = np.load(config.episodes)
     t = config.meta_batch_size
     batches = [
@@ -267,8 +323,10 @@ def run_worker(config: Config) -> dict:
     }
     if config.split and config.algorithm.startswith("imaml") and config.algorithm != "imaml_hf":
         result.update(_split_times(meta, batches[0], config))
-    result["peak_memory_mb"] = _vm_hwm_mb()
+    result["peak_memory_mb"] = _vm_hwm_mb()  # before a second model is built
     result["onednn_enabled"] = _onednn_enabled()
+    if config.policy:
+        result.update(_meta_gradient(config, batches[0]))
     return result
 
 
@@ -352,6 +410,46 @@ def machine_throughput(
     return result
 
 
+def processor() -> dict:
+    """The CPU: its model name (the one `lscpu` prints), cores and low-precision flags."""
+    model_name, cpu_flags = "unknown", set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model_name == "unknown":
+                model_name = value.strip()
+            elif key.strip() == "flags" and not cpu_flags:
+                cpu_flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "model_name": model_name,
+        "num_cpus": os.cpu_count(),
+        "flags": {flag: flag in cpu_flags for flag in CPU_FLAGS},
+    }
+
+
+def add_meta_gradient_errors(rows: list[dict], episodes: pathlib.Path) -> None:
+    """Each dtype-policy row's relative L2 meta-gradient error against float32's, in place.
+
+    `||g - g_float32|| / ||g_float32||` with both read off from the same weights and
+    episode (`_meta_gradient`); `None` where either run failed or float32's meta-gradient
+    is zero (every task's solve failed, so the step was skipped).
+    """
+    reference = episodes.parent / "meta_grad_float32.npy"
+    want = np.load(reference) if reference.exists() else None
+    if want is not None and not np.linalg.norm(want) > 0:
+        want = None
+    for row in rows:
+        if row["sweep"] != "precision":
+            continue
+        path = episodes.parent / f"meta_grad_{row['config']['policy']}.npy"
+        error = None
+        if want is not None and "error" not in row["result"] and path.exists():
+            error = float(np.linalg.norm(np.load(path) - want) / np.linalg.norm(want))
+        row["meta_grad_error_vs_float32"] = error
+
+
 def make_episodes(path: pathlib.Path, config: Config, num_batches: int) -> None:
     """Real training episodes, saved once and shared by every configuration."""
     import tf_imaml
@@ -413,16 +511,21 @@ def run_in_subprocess(config: Config, memory_limit_mb: float) -> dict:
 
 
 def _cell(result: dict, key: str, fmt: str) -> str:
-    return "—" if key not in result else format(result[key], fmt)
+    return "—" if result.get(key) is None else format(result[key], fmt)
 
 
 def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> str:
     """The Markdown tables; returns them."""
+    cpu = machine["processor"]
     lines = [
         f"Machine: matmul {machine['start']['matmul_gflops']:.0f} / conv "
         f"{machine['start']['conv_gflops']:.0f} GFLOP/s at the start, "
         f"{machine['end']['matmul_gflops']:.0f} / {machine['end']['conv_gflops']:.0f} at the end "
         "(float32).",
+        "",
+        f"Processor: {cpu['model_name']}, {cpu['num_cpus']} CPUs; flags: "
+        + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in cpu["flags"].items())
+        + ".",
         "",
     ]
     sections = (
@@ -463,6 +566,7 @@ def write_report(output_dir: pathlib.Path, rows: list[dict], machine: dict) -> s
             )
         lines.append("")
     lines += _onednn_ratios(rows)
+    lines += _precision_table(rows)
     text = "\n".join(lines)
     (output_dir / "benchmark.md").write_text(text)
     return text
@@ -488,6 +592,53 @@ def _onednn_ratios(rows: list[dict]) -> list[str]:
         if (algorithm, "0") in times and (algorithm, "1") in times
     ]
     return lines + [""] if lines else []
+
+
+def _precision_table(rows: list[dict]) -> list[str]:
+    """Dtype policies side by side: meta-step time and meta-gradient error against float32."""
+    section = [r for r in rows if r["sweep"] == "precision"]
+    if not section:
+        return []
+    reference = next(
+        (r["result"] for r in section if r["config"]["policy"] == "float32"), {"error": ""}
+    )
+    c = section[0]["config"]
+    lines = [
+        "### Dtype policies, oneDNN on: meta-step time and meta-gradient error against float32",
+        "",
+        f"{c['algorithm']}, K = {c['inner_steps']}, meta-batch {c['meta_batch_size']}, "
+        f"{c['cg_steps']} CG steps, {c['filters']} filters; time: median of {c['repeats']} "
+        "meta-steps (Adam) after warm-up; error: `||g - g_float32|| / ||g_float32||` of one "
+        "`SGD(1.0)` step from the same seed-0 weights on the same episode.",
+        "",
+        "| policy | compute dtype | oneDNN | s / meta-step | speed vs float32 | "
+        "meta-grad rel. error | read-off bound | failed solves (that step) | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section:
+        m, policy = r["result"], r["config"]["policy"]
+        if "error" in m:
+            lines.append(f"| {policy} | — | — | {m['error'][:77]} | — | — | — | — | — |")
+            continue
+        speed = "—" if "error" in reference else f"{reference['step_s'] / m['step_s']:.2f}x"
+        error = r.get("meta_grad_error_vs_float32")
+        lines.append(
+            f"| {policy} | {m['compute_dtype']} | {'on' if m['onednn_enabled'] else 'off'} | "
+            f"{m['step_s']:.3f} | {speed} | {'—' if error is None else format(error, '.2e')} | "
+            f"{_cell(m, 'readoff_bound', '.1e')} | {m['meta_grad_failed_fraction']:.3f} | "
+            f"{m['peak_memory_mb']:.0f} |"
+        )
+    hashes = {
+        r["result"].get("initial_weights_sha1") for r in section if "error" not in r["result"]
+    }
+    lines += [
+        "",
+        "Initial weights: "
+        + ("the same in every run" if len(hashes) == 1 else f"DIFFERENT ({len(hashes)} hashes)")
+        + " (SHA-1 of the float32 values).",
+        "",
+    ]
+    return lines
 
 
 def plot(output_dir: pathlib.Path, rows: list[dict]) -> bool:
@@ -568,6 +719,12 @@ def plan(base: Config) -> list[tuple[str, Config]]:
             configs.append(
                 ("onednn", dataclasses.replace(reference, algorithm=algorithm, onednn=value))
             )
+    for policy in _PRECISION.value:
+        if policy not in POLICIES:
+            raise app.UsageError(f"--precision: unknown {policy!r}; known: {POLICIES}")
+        configs.append(("precision", dataclasses.replace(reference, onednn="1", policy=policy)))
+    if _PRECISION.value and "float32" not in _PRECISION.value:
+        raise app.UsageError("--precision: float32 must be one of the policies (the reference)")
     return configs
 
 
@@ -633,7 +790,7 @@ def main(argv):
     )
     # --tiny: a rough, quick measurement (see machine_throughput).
     throughput = dict(matmul_size=512, conv_batch=16, repeats=3) if _TINY.value else {}
-    machine = {"start": machine_throughput(**throughput)}
+    machine = {"processor": processor(), "start": machine_throughput(**throughput)}
     rows = []
     done = {}  # The reference configuration appears in several sweeps: measured once.
     started = time.time()
@@ -655,10 +812,11 @@ def main(argv):
         print(
             f"[{i}/{len(configs)} {time.time() - started:5.0f} s] {sweep}: {config.algorithm} "
             f"K={config.inner_steps} T={config.meta_batch_size} CG={config.cg_steps} "
-            f"{config.task_batching}: {summary}",
+            f"{config.task_batching}{' ' + config.policy if config.policy else ''}: {summary}",
             flush=True,
         )
     machine["end"] = machine_throughput(**throughput)
+    add_meta_gradient_errors(rows, pathlib.Path(base.episodes))
     shutil.rmtree(pathlib.Path(base.episodes).parent, ignore_errors=True)
     (output_dir / "results.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=1)

@@ -116,3 +116,49 @@ def test_mini_imagenet_net_with_onednn_off_and_on(tiny_mini_imagenet, tmp_path):
     assert "- imaml_gd: oneDNN on is " in (tmp_path / "benchmark.md").read_text()
     assert not (tmp_path / "benchmark.png").exists()  # no inner-steps sweep, no empty plot
     assert "Wrote benchmark.md, results.json in" in proc.stdout
+
+
+def test_dtype_policies_side_by_side_with_meta_gradient_errors(tmp_path):
+    proc = _run(
+        f"--output_dir={tmp_path}",
+        "--algorithms=",
+        "--task_batching=",
+        "--batch_sizes=",
+        "--cg_steps=",
+        "--onednn=",
+        "--precision=float32,mixed_bfloat16",
+        # At --tiny's K = 1 every task's solve meets negative curvature and the step is
+        # skipped (a zero meta-gradient); at K = 16 one of the two tasks is solved.
+        "--reference_inner_steps=16",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["machine"]["processor"]["flags"]) >= {"avx512_bf16", "amx_bf16"}
+    rows = results["rows"]
+    assert [(r["sweep"], r["config"]["policy"], r["config"]["onednn"]) for r in rows] == [
+        ("precision", "float32", "1"),
+        ("precision", "mixed_bfloat16", "1"),
+    ]
+    float32, bfloat16 = (r["result"] for r in rows)
+    # The worker's TensorFlow had oneDNN on; the learner computed in the policy's dtype
+    # with float32 variables, from the same initial weights.
+    assert float32["onednn_enabled"] and bfloat16["onednn_enabled"]
+    assert (float32["compute_dtype"], bfloat16["compute_dtype"]) == ("float32", "bfloat16")
+    assert float32["variable_dtype"] == bfloat16["variable_dtype"] == "float32"
+    assert float32["initial_weights_sha1"] == bfloat16["initial_weights_sha1"]
+    assert float32["step_s"] > 0 and bfloat16["step_s"] > 0 and float32["meta_grad_norm"] > 0
+    # Oracle: float32 is its own reference (0 exactly); bfloat16 rounds, so it differs.
+    assert rows[0]["meta_grad_error_vs_float32"] == 0.0
+    assert rows[1]["meta_grad_error_vs_float32"] > 0
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "### Dtype policies, oneDNN on" in table
+    assert "| float32 | float32 | on | " in table and "| 1.00x | 0.00e+00 |" in table
+    assert "| mixed_bfloat16 | bfloat16 | on | " in table
+    assert "Initial weights: the same in every run" in table
+    assert "Processor: " in table and "avx512_bf16 " in table
+
+
+def test_precision_needs_float32_as_the_reference(tmp_path):
+    proc = _run(f"--output_dir={tmp_path / 'out'}", "--precision=mixed_bfloat16")
+    assert proc.returncode != 0 and "float32 must be one of the policies" in proc.stderr
+    assert not (tmp_path / "out").exists()
