@@ -99,7 +99,7 @@ def test_no_gradient_flows_through_the_loop():
 def test_bad_input_raises():
     loss_fn, theta, _ = _ridge()
     gd = inner_solvers.gradient_descent(0.1)
-    with pytest.raises(ValueError, match="lam must be > 0"):
+    with pytest.raises(ValueError, match="lam must be >= 0"):
         inner_solvers.minimize_proximal(loss_fn, theta, lam=-1.0, num_steps=3, optimizer=gd)
     with pytest.raises(ValueError, match="num_steps must be >= 0"):
         inner_solvers.minimize_proximal(loss_fn, theta, lam=1.0, num_steps=-2, optimizer=gd)
@@ -116,3 +116,20 @@ def test_bad_input_raises():
     )
     with pytest.raises(ValueError, match=r"support loss at the start is not finite for task\(s\)"):
         inner_solvers.minimize_proximal(nan_loss, theta, lam=1.0, num_steps=1, optimizer=gd)
+
+
+def test_minimize_then_pull_back_with_lam_zero_is_plain_gradient_descent():
+    loss_fn, theta, _ = _ridge()
+    gd = inner_solvers.gradient_descent(0.1)
+    plain = inner_solvers.minimize_proximal(loss_fn, theta, lam=0.0, num_steps=4, optimizer=gd)
+    pulled = inner_solvers.minimize_then_pull_back(
+        loss_fn, theta, lam=0.0, num_steps=4, optimizer=gd, pull_back_rate=0.1
+    )
+    # Oracle: with lam = 0 the pull-back step is the identity and the objective is the loss.
+    for a, b in zip(plain.adapted_params, pulled.adapted_params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(pulled.objective, pulled.support_loss)
+    with pytest.raises(ValueError, match="pull_back_rate must be > 0"):
+        inner_solvers.minimize_then_pull_back(
+            loss_fn, theta, lam=1.0, num_steps=1, optimizer=gd, pull_back_rate=0.0
+        )
