@@ -3,8 +3,9 @@
 Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
 
 The functional core (pure functions over task-batched lists of tensors):
-`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. Keras pieces:
-`layers`, `models`. Shipped meta-learners, loaded by name: `pretrained`.
+`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. The task layer
+(a Keras learner and a loss as per-task closures): `tasks`. Keras pieces: `layers`,
+`models`. Shipped meta-learners, loaded by name: `pretrained`.
 """
 
 from tf_imaml import baselines
@@ -26,6 +27,7 @@ from tf_imaml import models
 from tf_imaml import pretrained
 from tf_imaml import problems
 from tf_imaml import reporting
+from tf_imaml import tasks
 from tf_imaml import tree
 from tf_imaml import unrolled
 from tf_imaml.baselines import MAML
@@ -73,6 +75,7 @@ __all__ = [
     "pretrained",
     "problems",
     "reporting",
+    "tasks",
     "proximal_adapt",
     "solve_cg",
     "solve_cg_tf",

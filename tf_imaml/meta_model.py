@@ -32,6 +32,7 @@ from tf_imaml import checks
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import layers as layers_lib
+from tf_imaml import tasks as tasks_lib
 from tf_imaml import tree
 
 ON_FAILURE = ("drop", "first_order", "zero")
@@ -235,10 +236,7 @@ class MetaLearner(keras.Model):
 
     def _per_task_loss(self, y, pred):
         """Mean over each task's examples of the compiled loss: `[T]`."""
-        loss = self._task_loss
-        per_example = loss.call(y, pred) if isinstance(loss, keras.losses.Loss) else loss(y, pred)
-        per_example = tf.cast(per_example, self.learner.trainable_variables[0].dtype)
-        return tf.reduce_mean(tf.reshape(per_example, [tf.shape(pred)[0], -1]), axis=1)
+        return tasks_lib.per_task_loss(self._task_loss, y, pred)
 
     # ----------------------------------------------------------------- learner, per task
 
@@ -297,30 +295,18 @@ class MetaLearner(keras.Model):
         self.optimizer.step_counter.assign(0)
 
     def _apply_unscaled(self, params, x, *, batched, training, task_offset, salt):
-        if batched:
-            return batched_lib.apply(self.learner, params, x)
-        variables = self.learner.non_trainable_variables
-        non_trainable = [tf.convert_to_tensor(v) for v in variables]
-        seed_slots = [i for i, v in enumerate(variables) if _is_seed_state(v)] if training else []
         iterations = (
             self.optimizer.iterations if getattr(self, "optimizer", None) is not None else 0
         )
-
-        def one(t):
-            state = list(non_trainable)
-            for i in seed_slots:
-                dtype = state[i].dtype
-                index = tf.cast(task_offset, dtype) + tf.cast(t, dtype)
-                shift = tf.stack([index * 1_000_003 + salt, tf.cast(iterations, dtype)])
-                state[i] = state[i] + shift
-            out, _ = self.learner.stateless_call(
-                [p[t] for p in params], state, x[t], training=training or self._batch_statistics
-            )
-            return tf.cast(out, params[0].dtype)
-
-        if params[0].shape[0] == 1:
-            return one(0)[tf.newaxis]
-        return tf.map_fn(one, tf.range(tf.shape(x)[0]), fn_output_signature=params[0].dtype)
+        return tasks_lib.apply(
+            self.learner,
+            params,
+            x,
+            batched=batched,
+            training=training or self._batch_statistics,
+            seed_shift=tf.stack([tf.constant(salt, tf.int64), tf.cast(iterations, tf.int64)]),
+            task_offset=task_offset,
+        )
 
     def _support_loss_fn(self, support_x, support_y, *, training: bool = False, task_offset=0):
         """The inner loss closure: task-batched parameters -> per-task support loss."""
@@ -347,6 +333,50 @@ class MetaLearner(keras.Model):
     def _meta_gradient(self, theta, support_loss_fn, query_loss_fn) -> AdaptResult:
         """Adapts and computes the per-task meta-gradients (training): an `AdaptResult`."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- public task seams
+    # What the benchmark and the studies need from a meta-model, as documented methods: the
+    # per-task closures of the task layer with this model's loss, batching and training
+    # mode, and the two hooks of the algorithm.
+
+    @property
+    def resolved_task_batching(self) -> str:
+        """`task_batching` as resolved for this learner: "batched", "support" or "per_task"."""
+        if self._batch_query:
+            return "batched"
+        return "support" if self._batch_support else "per_task"
+
+    def meta_params(self, num_tasks) -> list:
+        """`theta`, the learner's trainable weights, with a leading task axis."""
+        return tasks_lib.meta_params(self.learner, num_tasks)
+
+    def support_loss_fn(self, support_x, support_y, *, training: bool = False):
+        """`params -> [T]` support losses with the compiled loss (the inner loss closure)."""
+        self._require_compiled("support_loss_fn")
+        return self._support_loss_fn(
+            tf.convert_to_tensor(support_x), tf.convert_to_tensor(support_y), training=training
+        )
+
+    def query_loss_fn(self, query_x, query_y, *, training: bool = False):
+        """`params -> ([T] query losses, query predictions)` with the compiled loss."""
+        self._require_compiled("query_loss_fn")
+        query_x, query_y = tf.convert_to_tensor(query_x), tf.convert_to_tensor(query_y)
+
+        def fn(params):
+            pred = self._apply(
+                params, query_x, batched=self._batch_query, training=training, salt=1
+            )
+            return self._per_task_loss(query_y, pred), pred
+
+        return fn
+
+    def inner_solve(self, meta_params, support_loss_fn, *, training: bool = False):
+        """The algorithm's adaptation of task-batched `meta_params`: an `InnerSolveResult`."""
+        return self._inner_solve(meta_params, support_loss_fn, training=training)
+
+    def meta_gradient(self, meta_params, support_loss_fn, query_loss_fn) -> AdaptResult:
+        """The algorithm's adaptation and per-task meta-gradients: an `AdaptResult`."""
+        return self._meta_gradient(meta_params, support_loss_fn, query_loss_fn)
 
     def _task_fn(
         self, support_x, support_y, query_x, query_y, *, training: bool, task_offset=0
@@ -621,7 +651,7 @@ class MetaLearner(keras.Model):
         needs = (
             "a loss for the inner loop: call `compile(loss=...)` first (prediction and "
             "`adapt` need only the loss; `fit` also uses the optimizer)"
-            if method in ("predict", "predict_on_batch", "adapt", "__call__")
+            if method not in ("fit", "evaluate", "train_on_batch", "test_on_batch")
             else "an optimizer and a loss: call `compile(optimizer=..., loss=...)` first"
         )
         raise ValueError(
@@ -860,11 +890,6 @@ def _silence_retracing_warning(function, *, depth: int) -> None:
                 continue
             if callable(contents) and contents is not function:
                 _silence_retracing_warning(contents, depth=depth - 1)
-
-
-def _is_seed_state(variable) -> bool:
-    """The state variable of a `keras.random.SeedGenerator` (Dropout, GaussianNoise, ...)."""
-    return variable.name == "seed_generator_state" and tuple(variable.shape) == (2,)
 
 
 def _is_concrete(t) -> bool:
