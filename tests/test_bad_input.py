@@ -128,7 +128,7 @@ def test_bad_episodes_raise_a_named_error_and_change_nothing(
 
 def test_a_good_episode_passes_the_checks():
     parts = _good(np.random.default_rng(0), 2, 1, 2)
-    tf_imaml.meta_model.check_episode(META.learner, parts[:3], parts[3])
+    tf_imaml.episode_checks.check_episode(META.learner, parts[:3], parts[3])
     assert META.predict_on_batch(tuple(parts[:3])).shape == (2, 6, WAYS)
 
 

@@ -13,6 +13,7 @@ from tf_imaml import batched
 from tf_imaml import callbacks
 from tf_imaml import curvature
 from tf_imaml import datasets
+from tf_imaml import episode_checks
 from tf_imaml import episodes
 from tf_imaml import evaluation
 from tf_imaml import hessian_free
@@ -58,6 +59,7 @@ __all__ = [
     "callbacks",
     "curvature",
     "datasets",
+    "episode_checks",
     "episodes",
     "evaluation",
     "hvp",

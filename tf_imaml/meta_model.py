@@ -20,17 +20,17 @@ the paths give the same meta-gradients (tested).
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_imaml import batched as batched_lib
 from tf_imaml import checks
+from tf_imaml import episode_checks
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
+from tf_imaml import keras_glue
 from tf_imaml import layers as layers_lib
 from tf_imaml import tasks as tasks_lib
 from tf_imaml import tree
@@ -195,7 +195,8 @@ class MetaLearner(keras.Model):
             return
         compiled = {m.name: m for m in self._compile_metrics.metrics}
         copies = [
-            _pre_adaptation_copy(compiled[_metric_name(m)]) for m in self._pre_adaptation_specs
+            keras_glue.pre_adaptation_copy(compiled[keras_glue.metric_name(m)])
+            for m in self._pre_adaptation_specs
         ]
         self._pre_adaptation_metrics.clear()
         self._pre_adaptation_metrics.extend(copies)
@@ -263,12 +264,12 @@ class MetaLearner(keras.Model):
             # Loss scaling (mixed_float16): gradients flow through the float16 layers scaled
             # up by `scale` and reach the float32 parameters scaled back down, so that every
             # gradient, Hessian-vector product and linear solve outside sees true values.
-            params = [_scale_gradient(p, 1.0 / scale) for p in params]
+            params = [keras_glue.scale_gradient(p, 1.0 / scale) for p in params]
         out = self._apply_unscaled(
             params, x, batched=batched, training=training, task_offset=task_offset, salt=salt
         )
         if scale is not None:
-            out = _scale_gradient(out, scale)
+            out = keras_glue.scale_gradient(out, scale)
         # Outputs in the parameters' dtype (float32 under a mixed policy): the losses, the
         # proximal term and the linear solve stay in float32.
         return tf.cast(out, dtype)
@@ -468,7 +469,7 @@ class MetaLearner(keras.Model):
                     training=False,
                 ).adapted_params
             )
-            _once_per_model(self._adapt_function)
+            keras_glue.trace_once_per_model(self._adapt_function)
         phi = self._adapt_function(support_x, support_y)
         model = keras.models.clone_model(self.learner)
         for variable, value in zip(model.trainable_variables, phi, strict=True):
@@ -583,17 +584,17 @@ class MetaLearner(keras.Model):
 
     def make_train_function(self, force=False):
         function = super().make_train_function(force=force)
-        _once_per_model(self.train_function)
+        keras_glue.trace_once_per_model(self.train_function)
         return function
 
     def make_test_function(self, force=False):
         function = super().make_test_function(force=force)
-        _once_per_model(self.test_function)
+        keras_glue.trace_once_per_model(self.test_function)
         return function
 
     def make_predict_function(self, force=False):
         function = super().make_predict_function(force=force)
-        _once_per_model(self.predict_function)
+        keras_glue.trace_once_per_model(self.predict_function)
         return function
 
     # ----------------------------------------------------------------- eager input checks
@@ -660,8 +661,10 @@ class MetaLearner(keras.Model):
         )
 
     def _check_arrays(self, x, y):
-        if isinstance(x, (tuple, list)) and all(_is_concrete(t) for t in (*x, y) if t is not None):
-            check_episode(self.learner, x, y)
+        if isinstance(x, (tuple, list)) and all(
+            episode_checks.is_concrete(t) for t in (*x, y) if t is not None
+        ):
+            episode_checks.check_episode(self.learner, x, y)
 
     def _build_state(self, x, y, *, optimizer: bool) -> None:
         """Creates the optimizer's slots and the compile metrics before the first step.
@@ -680,7 +683,7 @@ class MetaLearner(keras.Model):
         if self._compile_metrics is None or self._compile_metrics.built:
             return
         outputs = getattr(self.learner, "outputs", None)
-        labels = _query_label_spec(x, y)
+        labels = episode_checks.query_label_spec(x, y)
         if not outputs or labels is None:
             return  # the metrics are built in the first trace, as Keras does
         y_true = tf.zeros([1, *labels.shape[2:]], labels.dtype)
@@ -795,7 +798,9 @@ class MetaLearner(keras.Model):
             )
         support_x, support_y, query_x = self._check_inputs(inputs)
         query_y = tf.convert_to_tensor(query_y)
-        query_y = _check_labels(self, "query", query_x, query_y)
+        query_y = episode_checks.check_labels(
+            self.learner, self._task_loss, "query", query_x, query_y
+        )
         return (support_x, support_y, query_x), query_y
 
     def _check_inputs(self, inputs):
@@ -808,7 +813,7 @@ class MetaLearner(keras.Model):
         dtype = self.learner.trainable_variables[0].dtype
         support_x, query_x = tf.cast(support_x, dtype), tf.cast(query_x, dtype)
         for name, x in (("support_x", support_x), ("query_x", query_x)):
-            _check_example_shape(self.learner, name, x.shape)
+            episode_checks.check_example_shape(self.learner, name, x.shape)
         support_x = tf.debugging.assert_all_finite(support_x, "support_x has non-finite values")
         query_x = tf.debugging.assert_all_finite(query_x, "query_x has non-finite values")
         if not support_x.shape[:1].is_compatible_with(query_x.shape[:1]):
@@ -816,7 +821,9 @@ class MetaLearner(keras.Model):
                 f"support_x and query_x have different numbers of tasks: {support_x.shape} "
                 f"and {query_x.shape}"
             )
-        support_y = _check_labels(self, "support", support_x, support_y)
+        support_y = episode_checks.check_labels(
+            self.learner, self._task_loss, "support", support_x, support_y
+        )
         return support_x, support_y, query_x
 
     # ----------------------------------------------------------------- saving
@@ -838,220 +845,6 @@ class MetaLearner(keras.Model):
         return cls(**config)
 
 
-def _check_example_shape(learner, name: str, shape) -> None:
-    """`ValueError` unless `shape` is `[tasks, examples, *learner's example shape]`."""
-    learner_inputs = getattr(learner, "inputs", None)
-    if not learner_inputs:
-        return
-    want = learner_inputs[0].shape[1:]
-    shape = tf.TensorShape(shape)
-    if shape.rank != len(want) + 2 or not shape[2:].is_compatible_with(want):
-        raise ValueError(
-            f"{name} has shape {tuple(shape)}; the learner takes examples of shape "
-            f"{tuple(want)}, so {name} must be [tasks, examples, "
-            f"{', '.join(str(d) for d in want)}]"
-        )
-
-
-def _scale_gradient(x, factor):
-    """Identity whose gradient is multiplied by `factor` (twice differentiable)."""
-
-    @tf.custom_gradient
-    def op(x):
-        def grad(dy):
-            return dy * tf.cast(factor, dy.dtype)
-
-        return tf.identity(x), grad
-
-    return op(x)
-
-
-def _once_per_model(function) -> None:
-    """Silences TensorFlow's frequent-retracing warning for one model's step function.
-
-    TensorFlow counts traces per Python code object, not per `tf.function`: N meta-models
-    in one process, each tracing its own step once, look like one function retraced N
-    times and log "triggered tf.function retracing". Each model traces each step once
-    (`tests/test_imaml.py` counts it), so for these functions the warning is wrong.
-    Keras wraps its `tf.function`s in a plain Python closure (`TensorFlowTrainer.
-    _make_function`), so the closure's cells are searched too (two levels deep).
-    """
-    _silence_retracing_warning(function, depth=2)
-
-
-def _silence_retracing_warning(function, *, depth: int) -> None:
-    if hasattr(function, "_omit_frequent_tracing_warning"):
-        function._omit_frequent_tracing_warning = True
-    if depth and getattr(function, "__closure__", None):
-        for cell in function.__closure__:
-            try:
-                contents = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if callable(contents) and contents is not function:
-                _silence_retracing_warning(contents, depth=depth - 1)
-
-
-def _is_concrete(t) -> bool:
-    """An array or eager tensor (not a symbolic tensor, dataset or generator)."""
-    return isinstance(t, (np.ndarray, list, numbers.Number)) or (
-        isinstance(t, tf.Tensor) and not tf.is_symbolic_tensor(t)
-    )
-
-
-def check_episode(learner: keras.Model, inputs, query_y=None) -> None:
-    """Checks an episode given as arrays; raises `ValueError` or `TypeError` naming the problem.
-
-    `inputs = (support_x, support_y, query_x)` and `query_y`, each `[tasks, examples, ...]`.
-    Inputs must be numeric and finite with the learner's example shape; labels numeric;
-    task and example counts must agree; the support and query sets must not be empty.
-    Integer class labels (rank 2, learner with several outputs) must lie in
-    `[0, num_outputs)`, and each task's query classes must all have support examples.
-
-    `MetaLearner.fit`/`evaluate`/`predict`/`*_on_batch` call it on array inputs, before
-    anything runs; data from a `tf.data.Dataset` is checked inside the step instead
-    (shapes as `ValueError`, values as `InvalidArgumentError`).
-    """
-    if not (isinstance(inputs, (tuple, list)) and len(inputs) == 3):
-        raise ValueError(
-            "inputs must be (support_x, support_y, query_x), each with a leading task axis"
-        )
-    names = ("support_x", "support_y", "query_x", "query_y")
-    arrays = {
-        name: np.asarray(value)
-        for name, value in zip(names, (*inputs, query_y), strict=True)
-        if value is not None
-    }
-    for name, array in arrays.items():
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"{name} must be numeric, got dtype {array.dtype}")
-        if array.ndim < 2:
-            raise ValueError(f"{name} must be [tasks, examples, ...], got shape {array.shape}")
-    num_tasks = {name: a.shape[0] for name, a in arrays.items()}
-    if len(set(num_tasks.values())) > 1:
-        raise ValueError(f"the parts of the episode have different numbers of tasks: {num_tasks}")
-    for x_name, y_name in (("support_x", "support_y"), ("query_x", "query_y")):
-        if y_name in arrays and arrays[x_name].shape[1] != arrays[y_name].shape[1]:
-            raise ValueError(
-                f"{x_name} has shape {arrays[x_name].shape} but {y_name} has shape "
-                f"{arrays[y_name].shape}: the task and example axes must agree"
-            )
-    for name, split in (("support_x", "support"), ("query_x", "query")):
-        if arrays[name].shape[1] == 0:
-            raise ValueError(f"the {split} set is empty: {name} has shape {arrays[name].shape}")
-    for name in ("support_x", "query_x"):
-        _check_example_shape(learner, name, arrays[name].shape)
-    for name in ("support_x", "query_x"):
-        finite = np.isfinite(arrays[name].astype(np.float64)).reshape(num_tasks[name], -1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite.all(axis=1)).tolist()
-            raise ValueError(f"{name} has non-finite values (NaN or Inf) in task(s) {bad}")
-    outputs = getattr(learner, "outputs", None)
-    num_outputs = outputs[0].shape[-1] if outputs else None
-    labels = {n: arrays[n] for n in ("support_y", "query_y") if n in arrays}
-    if (
-        num_outputs
-        and num_outputs > 1
-        and all(np.issubdtype(a.dtype, np.integer) and a.ndim == 2 for a in labels.values())
-    ):
-        for name, y in labels.items():
-            if y.size and (y.min() < 0 or y.max() >= num_outputs):
-                raise ValueError(
-                    f"{name} has class labels outside [0, {num_outputs}) (the learner's "
-                    f"number of outputs): min {y.min()}, max {y.max()}"
-                )
-        if "query_y" in labels:
-            for t, (s_y, q_y) in enumerate(
-                zip(labels["support_y"], labels["query_y"], strict=True)
-            ):
-                missing = sorted(set(q_y.tolist()) - set(s_y.tolist()))
-                if missing:
-                    raise ValueError(
-                        f"task {t}: query classes {missing} have no support examples (the "
-                        "support and query sets must have the same ways)"
-                    )
-
-
-def _query_label_spec(x, y) -> tf.TensorSpec | None:
-    """The query labels' `TensorSpec` `[tasks, examples, ...]` when known without reading data."""
-    if isinstance(x, tf.data.Dataset):
-        spec = x.element_spec
-        if not (isinstance(spec, (tuple, list)) and len(spec) >= 2):
-            return None
-        spec = spec[1]
-    elif y is not None and _is_concrete(y):
-        y = tf.convert_to_tensor(y)
-        spec = tf.TensorSpec(y.shape, y.dtype)
-    else:
-        return None
-    if not isinstance(spec, tf.TensorSpec) or spec.shape.rank is None or spec.shape.rank < 2:
-        return None
-    if not spec.shape[2:].is_fully_defined():
-        return None
-    return spec
-
-
 def _merge_task_axis(t):
     """`[T, n, ...] -> [T * n, ...]` for Keras metrics."""
     return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
-
-
-def _check_labels(model, split, x, y):
-    """Static shape agreement of `x` and `y`; `y` made to wait for its range checks."""
-    y = tf.convert_to_tensor(y)
-    if y.shape.rank is not None and y.shape.rank < 2:
-        raise ValueError(f"{split}_y must be [tasks, examples, ...], got shape {y.shape}")
-    if not x.shape[:2].is_compatible_with(y.shape[:2]):
-        raise ValueError(
-            f"{split}_x has shape {x.shape} but {split}_y has shape {y.shape}: the task and "
-            "example axes must agree"
-        )
-    num_outputs = (
-        model.learner.outputs[0].shape[-1] if getattr(model.learner, "outputs", None) else None
-    )
-    if (
-        _is_sparse_loss(getattr(model, "_task_loss", None))
-        and y.shape.rank == 3
-        and num_outputs is not None
-        and num_outputs > 1
-        and y.shape[-1] == num_outputs
-    ):
-        raise ValueError(
-            f"{split}_y has shape {y.shape}: one-hot labels, but the loss takes integer class "
-            "labels; use CategoricalCrossentropy for one-hot labels, or integer labels "
-            "[tasks, examples]"
-        )
-    if y.dtype.is_integer and num_outputs is not None and y.shape.rank == 2:
-        label_checks = [
-            tf.debugging.assert_non_negative(y, f"{split}_y has negative class labels"),
-            tf.debugging.assert_less(
-                y,
-                tf.cast(num_outputs, y.dtype),
-                f"{split}_y has class labels >= {num_outputs}, the learner's number of outputs",
-            ),
-        ]
-        with tf.control_dependencies(label_checks):
-            y = tf.identity(y)
-    return y
-
-
-def _is_sparse_loss(loss) -> bool:
-    """A loss that takes integer class labels (sparse categorical cross-entropy)."""
-    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
-        return True
-    name = getattr(loss, "__name__", None) or getattr(loss, "name", None) or str(loss)
-    return "sparse_categorical" in str(name)
-
-
-def _metric_name(metric) -> str:
-    """The name Keras gives a compiled metric: the string itself, else the object's name."""
-    if isinstance(metric, str):
-        return metric
-    return getattr(metric, "name", None) or metric.__name__
-
-
-def _pre_adaptation_copy(metric: keras.metrics.Metric) -> keras.metrics.Metric:
-    """A fresh copy of a built compile metric, named `pre_adaptation_<its name>`."""
-    config = metric.get_config()
-    config["name"] = "pre_adaptation_" + metric.name
-    return metric.__class__.from_config(config)
