@@ -245,3 +245,24 @@ def test_bad_input_raises():
         implicit.implicit_meta_gradient(support_loss, phi, nan_v, lam=1.0)
     with pytest.raises(ValueError, match="meta_params and adapted_params do not match"):
         implicit.attach_implicit_gradient(support_loss, phi, [phi[0], phi[0]], lam=1.0)
+
+
+@pytest.mark.parametrize(
+    "on_failure, want_sum, want_count",
+    [
+        # Task 0 fine, task 1 failed (finite answer 5), task 2 failed with NaN, task 3 fine
+        # but with an infinite gradient: never counted.
+        ("drop", 1.0, 1),
+        ("first_order", 1.0 + 20.0 + 30.0, 3),
+        ("zero", 1.0, 3),
+        ("keep", 1.0 + 5.0, 2),
+    ],
+)
+def test_aggregate_tasks_applies_the_failure_policy_and_counts(on_failure, want_sum, want_count):
+    meta_grads = [tf.constant([[1.0], [5.0], [np.nan], [np.inf]])]
+    fallback = [tf.constant([[10.0], [20.0], [30.0], [np.inf]])]
+    failed = tf.constant([False, True, True, False])
+    result = implicit.aggregate_tasks(meta_grads, fallback, failed, on_failure=on_failure)
+    # Oracle: the sums and counts worked out by hand in the parametrization.
+    np.testing.assert_allclose(result.grad_sums[0], [want_sum])
+    assert float(result.num_used) == want_count

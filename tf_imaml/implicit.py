@@ -29,7 +29,9 @@ from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
 from tf_imaml import tree
 
-ON_FAILURE = ("first_order", "zero", "keep")
+# What a task whose meta-gradient failed contributes; one vocabulary for the op below and
+# for `MetaLearner(on_failure=...)` (which also leaves "drop" tasks out of the mean's count).
+ON_FAILURE = ("drop", "first_order", "zero", "keep")
 
 
 class ImplicitGradientResult(NamedTuple):
@@ -106,8 +108,9 @@ def apply_failure_policy(
       query_grads: Per-task query gradients at the adapted parameters.
       failed: `[T]` bool, from `LinearSolveResult.failed`.
       on_failure: `"first_order"`: use the query gradient (first-order MAML's meta-gradient,
-        the limit of the implicit one as `lam -> infinity`); `"zero"`: the task contributes
-        nothing; `"keep"`: leave the solver's answer (may be NaN).
+        the limit of the implicit one as `lam -> infinity`); `"zero"` or `"drop"`: the task
+        contributes a zero gradient (`aggregate_tasks` also leaves a dropped task out of the
+        count it divides by); `"keep"`: leave the solver's answer (may be NaN).
 
     Returns:
       A structure like `meta_grads`.
@@ -117,6 +120,43 @@ def apply_failure_policy(
         return meta_grads
     fallback = query_grads if on_failure == "first_order" else tree.zeros_like(query_grads)
     return tree.where_tasks(failed, fallback, meta_grads)
+
+
+class TaskAggregate(NamedTuple):
+    """The meta-gradients of a meta-batch, summed over the tasks that count."""
+
+    grad_sums: list  # Sum over the counted tasks of each meta-gradient tensor.
+    num_used: tf.Tensor  # Scalar: how many tasks count (the mean divides by it).
+
+
+def aggregate_tasks(
+    meta_grads: tree.Params,
+    fallback_grads: tree.Params,
+    failed: tf.Tensor,
+    *,
+    on_failure: str,
+) -> TaskAggregate:
+    """Sums per-task meta-gradients after the failure policy; counts the tasks that count.
+
+    A failed task is treated by `apply_failure_policy`; with `"drop"` it does not count.
+    A task whose gradient is still not finite never counts.
+
+    Args:
+      meta_grads: Per-task meta-gradients `[T, ...]`.
+      fallback_grads: Per-task query gradients at the adapted parameters.
+      failed: `[T]` bool.
+      on_failure: One of `ON_FAILURE`.
+
+    Returns:
+      A `TaskAggregate`.
+    """
+    checks.check_choice("on_failure", on_failure, ON_FAILURE)
+    grads = apply_failure_policy(meta_grads, fallback_grads, failed, on_failure=on_failure)
+    usable = ~failed if on_failure == "drop" else tf.ones_like(failed)
+    usable &= tree.all_finite(grads)
+    grads = tree.where_tasks(usable, grads, tree.zeros_like(grads))
+    num_used = tf.reduce_sum(tf.cast(usable, grads[0].dtype))
+    return TaskAggregate([tf.reduce_sum(g, axis=0) for g in grads], num_used)
 
 
 def attach_implicit_gradient(

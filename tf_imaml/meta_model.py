@@ -35,7 +35,7 @@ from tf_imaml import layers as layers_lib
 from tf_imaml import tasks as tasks_lib
 from tf_imaml import tree
 
-ON_FAILURE = ("drop", "first_order", "zero")
+ON_FAILURE = implicit.ON_FAILURE
 TASK_BATCHING = ("auto", "batched", "support", "per_task")
 
 
@@ -89,7 +89,8 @@ class MetaLearner(keras.Model):
       on_failure: What to do with a task whose meta-gradient failed (linear solve above
         its residual bound, negative curvature, or non-finite values): `"drop"` leaves it
         out of the mean over tasks; `"first_order"` uses its query gradient at the adapted
-        parameters instead; `"zero"` counts it with a zero gradient. Tasks whose gradient is
+        parameters instead; `"zero"` counts it with a zero gradient; `"keep"` uses the
+        solver's answer as it is (`tf_imaml.implicit.aggregate_tasks`). Tasks whose gradient is
         still not finite are always dropped, and a step whose mean gradient is not finite
         (or has no task left) is skipped: the weights and the optimizer do not move, and
         the `skipped_steps` metric counts it. Default value: `"drop"`.
@@ -719,17 +720,9 @@ class MetaLearner(keras.Model):
 
     def _aggregate(self, out):
         """Sum of the meta-gradients of the tasks that `on_failure` keeps; and how many."""
-        grads = out.meta_grads
-        usable = ~out.failed
-        if self.on_failure != "drop":
-            grads = implicit.apply_failure_policy(
-                grads, out.fallback_grads, out.failed, on_failure=self.on_failure
-            )
-            usable = tf.ones_like(usable)
-        usable &= tree.all_finite(grads)
-        grads = tree.where_tasks(usable, grads, tree.zeros_like(grads))
-        num_used = tf.reduce_sum(tf.cast(usable, grads[0].dtype))
-        return [tf.reduce_sum(g, axis=0) for g in grads], num_used
+        return implicit.aggregate_tasks(
+            out.meta_grads, out.fallback_grads, out.failed, on_failure=self.on_failure
+        )
 
     def _apply_mean(self, grad_sums, num_used, *, overflow=False):
         """Applies the mean meta-gradient unless no task was usable or it is not finite.
