@@ -112,6 +112,7 @@ def test_imaml_hf_reaches_proximal_solution_and_exact_meta_gradient(use_line_sea
     np.testing.assert_allclose(moved, -want.mean(axis=0), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [

@@ -151,6 +151,7 @@ ALGORITHMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_batched_and_per_task_meta_steps_agree(algorithm):
     """One SGD(1) meta-step moves the weights by minus the mean meta-gradient: same both ways."""

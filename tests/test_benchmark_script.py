@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+# Slow: runs scripts/benchmark.py in subprocesses, each timing meta-steps.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 

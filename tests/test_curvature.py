@@ -169,6 +169,7 @@ def _classification_episode(num_tasks=3):
     return (sx, sy, qx), qy
 
 
+@pytest.mark.slow
 def test_imaml_logs_the_curvature_of_a_direct_call_and_nothing_when_off():
     (sx, sy, qx), qy = _classification_episode()
     lam = 0.3

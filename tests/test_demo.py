@@ -7,6 +7,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+# Slow: runs scripts/demo.py in subprocesses (gradient checks, then meta-training).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

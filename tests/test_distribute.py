@@ -13,6 +13,9 @@ import textwrap
 
 import pytest
 
+# Slow: subprocesses, each meta-training under MirroredStrategy.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent(

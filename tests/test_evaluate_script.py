@@ -15,6 +15,7 @@ ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 
 
+@pytest.mark.slow
 def test_shipped_model_is_far_above_chance(tmp_path):
     assert PRETRAINED.is_file(), "the pretrained model must ship with the repository"
     out = tmp_path / "result.json"
@@ -35,6 +36,7 @@ def test_shipped_model_is_far_above_chance(tmp_path):
     assert result["accuracy"] > 0.7 and result["tasks"] == 40
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [

@@ -133,6 +133,7 @@ def test_non_finite_inputs_raise_before_any_weight_changes():
     np.testing.assert_array_equal(learner.trainable_variables[0].numpy(), before)
 
 
+@pytest.mark.slow
 def test_bad_episodes_raise_clear_errors():
     learner = models_classifier()
     meta = tf_imaml.ImplicitMAML(learner, inner_steps=1, cg_steps=1)
@@ -219,6 +220,7 @@ def _classifier_meta(**kwargs):
     return meta
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_evaluates_identically(tmp_path):
     episode = _classification_episode()
     meta = _classifier_meta(lam=1.5, inner_optimizer="momentum", linear_solver="cg")
@@ -247,6 +249,7 @@ def test_save_load_round_trip_evaluates_identically(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_predict_and_adapt_agree_and_adaptation_helps():
     (sx, sy, _), _ = _classification_episode(seed=5)
     # Query examples are noisy copies of the support examples: adapting must help.
@@ -274,6 +277,7 @@ def _read_scalars(folder):
     return scalars
 
 
+@pytest.mark.slow
 def test_metrics_reach_tensorboard_event_files(tmp_path):
     episode = _classification_episode()
     data = tf.data.Dataset.from_tensors(episode).repeat()
@@ -323,6 +327,7 @@ def _count_calls(meta, name):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_kind", ["dataset", "arrays"])
 def test_fit_and_evaluate_trace_their_step_once(data_kind):
     # Keras creates the optimizer slots and compile metrics lazily inside the first traced
@@ -341,6 +346,7 @@ def test_fit_and_evaluate_trace_their_step_once(data_kind):
     assert meta.optimizer.iterations.numpy() == (6 if data_kind == "dataset" else 2)
 
 
+@pytest.mark.slow
 def test_accuracy_by_name_is_resolved_from_the_labels_before_and_after_adaptation():
     # Keras picks sparse categorical accuracy for "accuracy" from the label shapes; the
     # pre-adaptation copy must follow, or its update fails on integer labels.

@@ -13,6 +13,9 @@ import pytest
 
 import tf_imaml
 
+# Slow: meta-steps of every algorithm through fit/evaluate/predict (minutes).
+pytestmark = pytest.mark.slow
+
 WAYS, SHOTS, QUERIES, TASKS, FEATURES = 3, 2, 3, 4, 8
 ALGORITHMS = {
     "imaml": lambda learner: tf_imaml.ImplicitMAML(learner, inner_steps=3, inner_learning_rate=0.1),

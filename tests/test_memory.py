@@ -13,6 +13,9 @@ import textwrap
 
 import pytest
 
+# Slow: four subprocesses, each tracing and running meta-steps of a conv net.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent(

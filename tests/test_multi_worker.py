@@ -13,6 +13,10 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+# Slow: three processes, each starting TensorFlow and meta-training.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -87,12 +87,14 @@ def test_unknown_name_raises_and_lists_the_names(fn):
         fn("omniglot_5way")
 
 
+@pytest.mark.slow
 def test_loaded_model_predicts_an_omniglot_episode():
     meta = pretrained.load(NAME)
     assert isinstance(meta, tf_imaml.ImplicitMAML)
     _check_episode(predict_episode(meta))
 
 
+@pytest.mark.slow
 def test_installed_wheel_loads_the_model_by_name(tmp_path):
     # Build from a clean copy of what the build reads: building in the checkout would reuse
     # (and ship) whatever a previous build left in build/, and write into a shared tree.

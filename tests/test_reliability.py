@@ -16,6 +16,9 @@ import tf_imaml
 from tf_imaml import callbacks
 from tf_imaml import models
 
+# Slow: meta-training, in process and in killed and resumed subprocesses.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 TINY = [

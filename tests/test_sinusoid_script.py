@@ -7,6 +7,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+# Slow: runs scripts/sinusoid.py in subprocesses (meta-training).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 

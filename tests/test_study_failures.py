@@ -6,6 +6,11 @@ import json
 import pathlib
 import sys
 
+import pytest
+
+# Slow: runs the study at a tiny size (meta-training included).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# Slow: runs the study at a tiny size.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

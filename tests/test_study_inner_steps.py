@@ -9,6 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+# Slow: runs the study at a tiny size (meta-training included).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

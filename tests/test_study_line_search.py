@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import pytest
 
+# Slow: runs the study at a tiny size.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

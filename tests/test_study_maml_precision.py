@@ -12,6 +12,9 @@ import tensorflow as tf
 from tf_imaml import hvp as hvp_lib
 from tf_imaml import tree
 
+# Slow: runs the study at a tiny size (meta-training included).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+# Slow: runs scripts/train.py in subprocesses: meta-training, evaluation, resume.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 TINY = [
