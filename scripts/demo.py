@@ -25,7 +25,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import tf_imaml  # noqa: E402
-from tf_imaml import problems  # noqa: E402
+from tf_imaml import testing  # noqa: E402
 from tf_imaml import tree  # noqa: E402
 
 META_STEPS = flags.DEFINE_integer(
@@ -69,12 +69,12 @@ def _meta_grad_fn(support_loss_fn, query_loss_fn, *, lam, num_steps, learning_ra
 
 def check_ridge(config: DemoConfig) -> float:
     """Largest relative error of the implicit meta-gradient against the ridge closed form."""
-    tasks = problems.linear_tasks(num_tasks=4, num_support=5, num_query=10, dim=5, seed=config.seed)
+    tasks = testing.linear_tasks(num_tasks=4, num_support=5, num_query=10, dim=5, seed=config.seed)
     theta = np.random.default_rng(config.seed).normal(size=(4, 5))
     meta_grad = tf.function(
         _meta_grad_fn(
-            problems.ridge_loss_fn(tasks.support_x, tasks.support_y),
-            problems.ridge_loss_fn(tasks.query_x, tasks.query_y),
+            testing.ridge_loss_fn(tasks.support_x, tasks.support_y),
+            testing.ridge_loss_fn(tasks.query_x, tasks.query_y),
             lam=config.lam,
             num_steps=3000,
             learning_rate=0.05,
@@ -82,16 +82,16 @@ def check_ridge(config: DemoConfig) -> float:
         )
     )
     _, (got,) = meta_grad([tf.constant(theta)])
-    want = problems.ridge_meta_gradient(tasks, theta, config.lam)
+    want = testing.ridge_meta_gradient(tasks, theta, config.lam)
     return float(np.max(np.abs(got.numpy() - want)) / np.max(np.abs(want)))
 
 
 def check_finite_differences(config: DemoConfig) -> float:
     """Relative error of the implicit directional derivative against central differences."""
-    tasks = problems.linear_tasks(num_tasks=2, num_support=8, num_query=8, dim=2, seed=config.seed)
-    params = problems.tanh_mlp_init(num_tasks=2, dim=2, hidden=3, seed=config.seed)
-    support_fn = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    query_fn = problems.tanh_mlp_loss_fn(tasks.query_x, tasks.query_y)
+    tasks = testing.linear_tasks(num_tasks=2, num_support=8, num_query=8, dim=2, seed=config.seed)
+    params = testing.tanh_mlp_init(num_tasks=2, dim=2, hidden=3, seed=config.seed)
+    support_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    query_fn = testing.tanh_mlp_loss_fn(tasks.query_x, tasks.query_y)
     meta_grad = tf.function(
         _meta_grad_fn(
             support_fn, query_fn, lam=config.lam, num_steps=4000, learning_rate=0.1, cg_steps=60
@@ -116,7 +116,7 @@ def meta_train(config: DemoConfig) -> tuple[float, float]:
     rng_seed = config.seed + 100
     params = [
         tf.Variable(p[0])
-        for p in problems.tanh_mlp_init(
+        for p in testing.tanh_mlp_init(
             num_tasks=1, dim=1, hidden=config.hidden, seed=config.seed, dtype=tf.float32
         )
     ]
@@ -127,8 +127,8 @@ def meta_train(config: DemoConfig) -> tuple[float, float]:
     def step(support_x, support_y, query_x, query_y, train):
         meta_params = tree.broadcast_to_tasks(params, tf.shape(support_x)[0])
         loss, grads = _meta_grad_fn(
-            problems.tanh_mlp_loss_fn(support_x, support_y),
-            problems.tanh_mlp_loss_fn(query_x, query_y),
+            testing.tanh_mlp_loss_fn(support_x, support_y),
+            testing.tanh_mlp_loss_fn(query_x, query_y),
             lam=config.lam,
             num_steps=config.inner_steps,
             learning_rate=config.inner_learning_rate,
@@ -142,9 +142,7 @@ def meta_train(config: DemoConfig) -> tuple[float, float]:
         return loss / num_tasks
 
     def batch(seed, num_tasks):
-        tasks = problems.sinusoid_tasks(
-            num_tasks=num_tasks, num_support=10, num_query=20, seed=seed
-        )
+        tasks = testing.sinusoid_tasks(num_tasks=num_tasks, num_support=10, num_query=20, seed=seed)
         return tuple(tasks)
 
     held_out = batch(rng_seed - 1, 200)

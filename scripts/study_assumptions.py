@@ -48,6 +48,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The project's copy of mini-ImageNet (beside the repository), unless the user names one.
+_SHARED_MINI_IMAGENET = (
+    pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/mini_imagenet"
+)
+if _SHARED_MINI_IMAGENET.is_dir():
+    os.environ.setdefault("TF_IMAML_MINI_IMAGENET", str(_SHARED_MINI_IMAGENET))
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

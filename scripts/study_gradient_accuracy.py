@@ -13,7 +13,7 @@ inner gradient-descent steps on `G` from `phi_0 = theta`:
 
 Two problems:
 
-- Ridge regression tasks (`tf_imaml.problems`), whose exact target is closed form.
+- Ridge regression tasks (`tf_imaml.testing`), whose exact target is closed form.
 - The Omniglot conv net (`tf_imaml.models.conv4_classifier`) on real 5-way 1-shot test tasks,
   at the shipped meta-trained weights and at a random initialisation (ReLU, or a smooth
   activation by `--activation`). The reference is computed in float64: the inner problem by
@@ -56,8 +56,8 @@ from tf_imaml import hvp as hvp_lib  # noqa: E402
 from tf_imaml import implicit  # noqa: E402
 from tf_imaml import inner_solvers  # noqa: E402
 from tf_imaml import linear_solve  # noqa: E402
-from tf_imaml import problems  # noqa: E402
 from tf_imaml import reporting  # noqa: E402
+from tf_imaml import testing  # noqa: E402
 from tf_imaml import tree  # noqa: E402
 from tf_imaml import unrolled  # noqa: E402
 
@@ -185,7 +185,7 @@ class Problem:
 
 def ridge_problems(config: StudyConfig) -> tuple[dict, np.ndarray]:
     """The ridge tasks in float32 and float64, and the closed-form target `[T, d]`."""
-    tasks = problems.linear_tasks(
+    tasks = testing.linear_tasks(
         num_tasks=config.ridge_tasks,
         num_support=config.ridge_support,
         num_query=config.ridge_query,
@@ -194,16 +194,16 @@ def ridge_problems(config: StudyConfig) -> tuple[dict, np.ndarray]:
     )
     rng = np.random.default_rng([config.seed, 1])
     theta = rng.normal(size=(config.ridge_tasks, config.ridge_dim))
-    largest = np.linalg.eigvalsh(problems.ridge_hessian(tasks.support_x)).max()
+    largest = np.linalg.eigvalsh(testing.ridge_hessian(tasks.support_x)).max()
     if config.ridge_learning_rate * (config.ridge_lam + largest) >= 2.0:
         raise ValueError(
             f"--ridge_learning_rate={config.ridge_learning_rate} diverges: gradient descent "
             f"needs learning_rate * (lam + {largest:.3g}) < 2"
         )
-    target = problems.ridge_meta_gradient(tasks, theta, config.ridge_lam)
+    target = testing.ridge_meta_gradient(tasks, theta, config.ridge_lam)
 
     def loss_fn(params, x, y):
-        return problems.ridge_loss_fn(x, y)(params)
+        return testing.ridge_loss_fn(x, y)(params)
 
     by_dtype = {
         dtype: Problem(
@@ -774,7 +774,7 @@ def run(config: StudyConfig) -> dict:
         f"{config.ridge_support} support / {config.ridge_query} query points, "
         f"lam = {config.ridge_lam}, inner GD step {config.ridge_learning_rate}; exact target: "
         "the closed form `lam (H + lam I)^-1 grad L_query(phi*)` "
-        "(`tf_imaml.problems.ridge_meta_gradient`)."
+        "(`tf_imaml.testing.ridge_meta_gradient`)."
     )
     sections.append(tables("Ridge regression (closed form)", setting, ridge, config))
     panels.append(("ridge", ridge, None))

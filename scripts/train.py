@@ -31,6 +31,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The project's copy of mini-ImageNet (beside the repository), unless the user names one.
+_SHARED_MINI_IMAGENET = (
+    pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/mini_imagenet"
+)
+if _SHARED_MINI_IMAGENET.is_dir():
+    os.environ.setdefault("TF_IMAML_MINI_IMAGENET", str(_SHARED_MINI_IMAGENET))
+
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
@@ -49,7 +56,8 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir",
     None,
     "Omniglot .npz (default: the shipped copy), or the mini-ImageNet folder (default: "
-    "$TF_IMAML_MINI_IMAGENET or ../shared/data/mini_imagenet).",
+    "$TF_IMAML_MINI_IMAGENET, which this script sets to ../shared/data/mini_imagenet beside "
+    "the repository when that exists).",
 )
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size",
@@ -191,7 +199,8 @@ class TrainConfig:
                 raise ValueError(f"--data_dir {self.data_dir} is not a folder")
             if not self.data_dir and tf_imaml.mini_imagenet.default_path() is None:
                 raise ValueError(
-                    "--dataset=mini_imagenet needs --data_dir (no ../shared/data/mini_imagenet)"
+                    "--dataset=mini_imagenet needs --data_dir or $TF_IMAML_MINI_IMAGENET (no "
+                    "../shared/data/mini_imagenet beside the repository)"
                 )
         if self.init_model and not pathlib.Path(self.init_model).is_file():
             raise ValueError(f"--init_model {self.init_model} is not a file")

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The project's copy of mini-ImageNet beside the repository, for the tests on real data.
+_SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mini_imagenet")
+if os.path.isdir(_SHARED):
+    os.environ.setdefault("TF_IMAML_MINI_IMAGENET", os.path.abspath(_SHARED))
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tf_imaml
-from tf_imaml import problems
+from tf_imaml import testing
 
 LAM = 2.0
 DIM = 4
@@ -26,7 +26,7 @@ def _learner():
 
 
 def _episode(seed=0, num_tasks=3):
-    tasks = problems.linear_tasks(
+    tasks = testing.linear_tasks(
         num_tasks=num_tasks, num_support=5, num_query=7, dim=DIM, seed=seed
     )
     episode = (
@@ -75,8 +75,8 @@ def test_damped_system_step_matches_its_closed_form(damping, lam_damping):
     meta.train_on_batch(*episode)
     moved = learner.trainable_variables[0].numpy()[:, 0] - theta
     thetas = np.broadcast_to(theta, (3, DIM))
-    phi = problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM)
-    h = problems.ridge_hessian(tasks.support_x)
+    phi = testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM)
+    h = testing.ridge_hessian(tasks.support_x)
     system = (1.0 + damping) * np.eye(DIM) + h / (LAM + lam_damping)
     want = np.linalg.solve(system, _query_grad(tasks, phi)[..., None])[..., 0]
     # Oracle: a dense solve of ((1 + damping) I + H/(lam + lam_damping)) g = v at the exact
@@ -98,7 +98,7 @@ def test_min_curvature_describes_the_damped_system():
         curvature_iterations=DIM,
     )
     logs = meta.train_on_batch(*episode, return_dict=True)
-    h = problems.ridge_hessian(tasks.support_x)
+    h = testing.ridge_hessian(tasks.support_x)
     want = np.linalg.eigvalsh(2.0 * np.eye(DIM) + h / 12.0)[:, 0].mean()
     # Oracle: the smallest eigenvalue of 2I + H/12 (ridge H does not depend on phi); DIM
     # Lanczos iterations span the whole space, so they are exact up to rounding.

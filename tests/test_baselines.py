@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tf_imaml
-from tf_imaml import problems
+from tf_imaml import testing
 
 DIM = 4
 ALPHA = 0.05
@@ -27,7 +27,7 @@ def _learner():
 
 
 def _episode(seed=0):
-    tasks = problems.linear_tasks(num_tasks=3, num_support=5, num_query=7, dim=DIM, seed=seed)
+    tasks = testing.linear_tasks(num_tasks=3, num_support=5, num_query=7, dim=DIM, seed=seed)
     return tasks, (
         (tasks.support_x, tasks.support_y[..., None], tasks.query_x),
         tasks.query_y[..., None],
@@ -45,7 +45,7 @@ def _step(meta, episode):
 def _gd_closed_form(tasks, theta):
     """phi_K and the Jacobian (I - alpha H)^K per task, by the affine recursion."""
     x, y = tasks.support_x.numpy(), tasks.support_y.numpy()
-    h = problems.ridge_hessian(x)
+    h = testing.ridge_hessian(x)
     b = 2 * np.einsum("tnd,tn->td", x, y) / x.shape[1]
     phi = np.broadcast_to(theta, (3, DIM)).copy()
     jac = np.broadcast_to(np.eye(DIM), (3, DIM, DIM)).copy()
@@ -106,7 +106,7 @@ def test_imaml_hf_reaches_proximal_solution_and_exact_meta_gradient(use_line_sea
         cg_steps=DIM,
     )
     moved, theta = _step(meta, episode)
-    want = problems.ridge_meta_gradient(tasks, np.broadcast_to(theta, (3, DIM)), 2.0)
+    want = testing.ridge_meta_gradient(tasks, np.broadcast_to(theta, (3, DIM)), 2.0)
     # Oracle: closed-form ridge meta-gradient. Newton with exact CG (DIM iterations on a
     # quadratic) is at phi* after one step; the second only confirms it.
     np.testing.assert_allclose(moved, -want.mean(axis=0), rtol=1e-9, atol=1e-12)

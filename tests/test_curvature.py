@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_imaml
 from tf_imaml import curvature
 from tf_imaml import inner_solvers
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 
 
@@ -110,9 +110,9 @@ def _dense_hessians(loss_fn, params):
 
 
 def test_proximal_curvature_matches_the_dense_hessian_of_a_tanh_net(run):
-    tasks = problems.linear_tasks(num_tasks=2, num_support=6, num_query=1, dim=3)
-    loss_fn = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    params = problems.tanh_mlp_init(num_tasks=2, dim=3, hidden=4, seed=1)
+    tasks = testing.linear_tasks(num_tasks=2, num_support=6, num_query=1, dim=3)
+    loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    params = testing.tanh_mlp_init(num_tasks=2, dim=3, hidden=4, seed=1)
     dim = int(tree.flatten_tasks(params).shape[1])
     hessian_eig = np.linalg.eigvalsh(_dense_hessians(loss_fn, params))
     # The eigenvalues of I + H / lam at lam = 2 and lam = 10.

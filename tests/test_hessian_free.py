@@ -5,21 +5,21 @@ import pytest
 import tensorflow as tf
 
 from tf_imaml import hessian_free
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 
 
 @pytest.mark.parametrize("use_line_search", [True, False])
 def test_one_newton_step_solves_ridge(use_line_search, run):
-    tasks = problems.linear_tasks(num_tasks=3, num_support=5, num_query=1, dim=4, seed=0)
-    loss_fn = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    tasks = testing.linear_tasks(num_tasks=3, num_support=5, num_query=1, dim=4, seed=0)
+    loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     theta = tree.broadcast_to_tasks([tf.constant(np.linspace(-1.0, 1.0, 4))], 3)
     result = run(
         lambda: hessian_free.minimize_proximal_newton(
             loss_fn, theta, lam=2.0, num_steps=1, cg_steps=4, use_line_search=use_line_search
         )
     )
-    exact = problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, theta[0], 2.0)
+    exact = testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, theta[0], 2.0)
     # Oracle: the closed-form proximal solution; CG is exact in 4 iterations on 4 unknowns,
     # so one Newton step lands on it up to rounding.
     np.testing.assert_allclose(result.adapted_params[0].numpy(), exact, atol=1e-12)
@@ -27,9 +27,9 @@ def test_one_newton_step_solves_ridge(use_line_search, run):
 
 
 def test_line_search_decreases_monotonically_and_converges_on_tanh_network():
-    tasks = problems.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
-    loss_fn = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    params = problems.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
+    tasks = testing.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
+    loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    params = testing.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
     solve = tf.function(
         lambda steps, line_search: hessian_free.minimize_proximal_newton(
             loss_fn, params, lam=1.0, num_steps=steps, use_line_search=line_search
@@ -130,9 +130,9 @@ def test_a_non_finite_gradient_is_a_non_descent_direction_and_phi_stays_finite()
 
 
 def test_trace_matches_separate_solves_and_counts_overshoots_on_tanh_network():
-    tasks = problems.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
-    loss_fn = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    params = problems.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
+    tasks = testing.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
+    loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    params = testing.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
     solve = tf.function(
         lambda steps, line_search: hessian_free.proximal_newton(
             loss_fn, params, lam=1.0, num_steps=steps, use_line_search=line_search

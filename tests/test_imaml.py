@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_imaml
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 
 LAM = 2.0
@@ -26,7 +26,7 @@ def _linear_learner(dim=DIM):
 
 
 def _ridge_episode(seed=0, num_tasks=3):
-    tasks = problems.linear_tasks(
+    tasks = testing.linear_tasks(
         num_tasks=num_tasks, num_support=5, num_query=7, dim=DIM, seed=seed
     )
     episode = (
@@ -51,7 +51,7 @@ def test_sgd_step_is_minus_mean_ridge_meta_gradient():
     theta = learner.trainable_variables[0].numpy()[:, 0]
     meta.train_on_batch(*episode)
     moved = learner.trainable_variables[0].numpy()[:, 0] - theta
-    want = problems.ridge_meta_gradient(tasks, np.broadcast_to(theta, (3, DIM)), LAM)
+    want = testing.ridge_meta_gradient(tasks, np.broadcast_to(theta, (3, DIM)), LAM)
     # Oracle: the closed-form ridge meta-gradient lam (H + lam I)^-1 grad L_query(phi*),
     # averaged over tasks. Inner GD converged to rounding, CG exact in DIM iterations.
     np.testing.assert_allclose(moved, -want.mean(axis=0), rtol=1e-9, atol=1e-12)
@@ -66,8 +66,8 @@ def test_sgd_step_matches_direct_call_of_the_core(solver):
     )
     theta = learner.trainable_variables[0].numpy()
     meta_params = tree.broadcast_to_tasks([tf.constant(theta)], 3)
-    support = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
-    query = problems.ridge_loss_fn(tasks.query_x, tasks.query_y)
+    support = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    query = testing.ridge_loss_fn(tasks.query_x, tasks.query_y)
     with tf.GradientTape() as tape:
         tape.watch(meta_params)
         adapted, _ = implicit.proximal_adapt(
@@ -107,7 +107,7 @@ def test_first_order_fallback_uses_the_query_gradient():
     meta = _ridge_meta(learner, cg_steps=1, max_residual=1e-12, on_failure="first_order")
     theta = learner.trainable_variables[0].numpy()[:, 0]
     meta.train_on_batch(*episode)
-    phi = problems.ridge_proximal_solution(
+    phi = testing.ridge_proximal_solution(
         tasks.support_x, tasks.support_y, np.broadcast_to(theta, (3, DIM)), LAM
     )
     qx, qy = tasks.query_x.numpy(), tasks.query_y.numpy()

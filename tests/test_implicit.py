@@ -7,7 +7,7 @@ import tensorflow as tf
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 
 LAM = 2.0
@@ -15,7 +15,7 @@ SOLVERS = [linear_solve.solve_cg, linear_solve.solve_cg_tf]
 
 
 def _ridge(seed=0, num_tasks=3, dim=4):
-    tasks = problems.linear_tasks(
+    tasks = testing.linear_tasks(
         num_tasks=num_tasks, num_support=5, num_query=7, dim=dim, seed=seed
     )
     theta = tf.constant(np.random.default_rng(seed + 1).normal(size=dim))
@@ -23,8 +23,8 @@ def _ridge(seed=0, num_tasks=3, dim=4):
 
 
 def _ridge_meta_grad_via_tape(tasks, theta, solver, run):
-    support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
-    query_loss = problems.ridge_loss_fn(tasks.query_x, tasks.query_y)
+    support_loss = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    query_loss = testing.ridge_loss_fn(tasks.query_x, tasks.query_y)
 
     def meta_grad():
         meta_params = tree.broadcast_to_tasks([theta], tasks.support_x.shape[0])
@@ -49,7 +49,7 @@ def _ridge_meta_grad_via_tape(tasks, theta, solver, run):
 def test_custom_gradient_op_matches_ridge_closed_form(solver, run):
     tasks, theta = _ridge()
     got = _ridge_meta_grad_via_tape(tasks, theta, solver, run).numpy()
-    want = problems.ridge_meta_gradient(tasks, np.broadcast_to(theta.numpy(), (3, 4)), LAM)
+    want = testing.ridge_meta_gradient(tasks, np.broadcast_to(theta.numpy(), (3, 4)), LAM)
     # Oracle: lam (H + lam I)^-1 grad L_query(phi*), all closed form. The inner loop has
     # converged to rounding and CG with d = 4 iterations is exact on a 4x4 system.
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -60,10 +60,10 @@ def test_implicit_meta_gradient_function_at_exact_solution(solver, run):
     tasks, theta = _ridge(seed=3, num_tasks=4, dim=6)
     thetas = np.broadcast_to(theta.numpy(), (4, 6))
     phi = [
-        tf.constant(problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
+        tf.constant(testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
     ]
-    support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
-    query_loss = problems.ridge_loss_fn(tasks.query_x, tasks.query_y)
+    support_loss = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    query_loss = testing.ridge_loss_fn(tasks.query_x, tasks.query_y)
     _, v = problems_value_and_grad(query_loss, phi)
     result = run(
         lambda: implicit.implicit_meta_gradient(
@@ -72,7 +72,7 @@ def test_implicit_meta_gradient_function_at_exact_solution(solver, run):
     )
     # Same closed-form oracle, with phi* given exactly: only CG's rounding remains.
     np.testing.assert_allclose(
-        result.meta_grads[0].numpy(), problems.ridge_meta_gradient(tasks, thetas, LAM), rtol=1e-9
+        result.meta_grads[0].numpy(), testing.ridge_meta_gradient(tasks, thetas, LAM), rtol=1e-9
     )
     assert not result.solve.failed.numpy().any()
     assert (result.solve.relative_residual.numpy() < 1e-10).all()
@@ -86,10 +86,10 @@ def problems_value_and_grad(loss_fn, params):
 
 
 def _tanh_setup(num_tasks=2):
-    tasks = problems.linear_tasks(num_tasks=num_tasks, num_support=8, num_query=8, dim=2, seed=11)
-    params = problems.tanh_mlp_init(num_tasks=num_tasks, dim=2, hidden=3, seed=12)
-    support_loss = problems.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    query_loss = problems.tanh_mlp_loss_fn(tasks.query_x, tasks.query_y)
+    tasks = testing.linear_tasks(num_tasks=num_tasks, num_support=8, num_query=8, dim=2, seed=11)
+    params = testing.tanh_mlp_init(num_tasks=num_tasks, dim=2, hidden=3, seed=12)
+    support_loss = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
+    query_loss = testing.tanh_mlp_loss_fn(tasks.query_x, tasks.query_y)
     return params, support_loss, query_loss
 
 
@@ -217,12 +217,12 @@ def test_damping_matches_its_closed_form():
     tasks, theta = _ridge(seed=9)
     thetas = np.broadcast_to(theta.numpy(), (3, 4))
     phi = [
-        tf.constant(problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
+        tf.constant(testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, thetas, LAM))
     ]
     v = [tf.constant(np.ones((3, 4)))]
-    support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    support_loss = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     result = implicit.implicit_meta_gradient(support_loss, phi, v, lam=LAM, damping=0.3, max_iter=4)
-    h = problems.ridge_hessian(tasks.support_x)
+    h = testing.ridge_hessian(tasks.support_x)
     a = 1.3 * np.eye(4) + h / LAM
     # Oracle: dense solve of ((1 + damping) I + H / lam) g = v.
     np.testing.assert_allclose(
@@ -232,7 +232,7 @@ def test_damping_matches_its_closed_form():
 
 def test_bad_input_raises():
     tasks, theta = _ridge()
-    support_loss = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    support_loss = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     phi = [tf.zeros([3, 4], tf.float64)]
     with pytest.raises(ValueError, match="adapted_params and query_grads do not match"):
         implicit.implicit_meta_gradient(support_loss, phi, [tf.zeros([3, 5], tf.float64)], lam=1.0)

@@ -5,17 +5,17 @@ import pytest
 import tensorflow as tf
 
 from tf_imaml import inner_solvers
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 
 LAM = 2.0
 
 
 def _ridge(seed=0):
-    tasks = problems.linear_tasks(num_tasks=3, num_support=5, num_query=5, dim=4, seed=seed)
+    tasks = testing.linear_tasks(num_tasks=3, num_support=5, num_query=5, dim=4, seed=seed)
     theta = tree.broadcast_to_tasks([tf.constant(np.linspace(-1.0, 1.0, 4))], 3)
-    loss_fn = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
-    exact = problems.ridge_proximal_solution(tasks.support_x, tasks.support_y, theta[0], LAM)
+    loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    exact = testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, theta[0], LAM)
     return loss_fn, theta, exact
 
 
@@ -111,7 +111,7 @@ def test_bad_input_raises():
         inner_solvers.minimize_proximal(
             loss_fn, theta, lam=1.0, num_steps=1, optimizer=gd, init_params=[theta[0][:, :2]]
         )
-    nan_loss = problems.ridge_loss_fn(
+    nan_loss = testing.ridge_loss_fn(
         tf.fill([3, 5, 4], tf.constant(np.nan, tf.float64)), tf.zeros([3, 5], tf.float64)
     )
     with pytest.raises(ValueError, match=r"support loss at the start is not finite for task\(s\)"):

@@ -32,9 +32,9 @@ WORKER = textwrap.dedent(
 
     import keras
     import tf_imaml
-    from tf_imaml import problems
+    from tf_imaml import testing
 
-    tasks = problems.linear_tasks(num_tasks=4, num_support=5, num_query=7, dim=4, seed=0)
+    tasks = testing.linear_tasks(num_tasks=4, num_support=5, num_query=7, dim=4, seed=0)
     data = tf.data.Dataset.from_tensors(
         ((tasks.support_x, tasks.support_y[..., None], tasks.query_x), tasks.query_y[..., None])
     )

@@ -55,7 +55,7 @@ def _mean(values):
 
 def test_converged_imaml_and_maml_match_the_closed_form_in_float64(results):
     ridge = results[0]["problems"]["ridge"]["result"]["float64"]
-    # Oracle: tf_imaml.problems.ridge_meta_gradient. K = 300 leaves ~1e-14 of inner error.
+    # Oracle: tf_imaml.testing.ridge_meta_gradient. K = 300 leaves ~1e-14 of inner error.
     imaml = ridge["imaml"][-1][-1]
     assert _mean(imaml["relative_error"]) < 1e-8
     assert _mean(imaml["residual"]) < 1e-10
@@ -133,7 +133,7 @@ def test_lbfgs_reference_reaches_the_closed_form_target():
     problem = by_dtype["float64"]
     est = study.Estimators(problem.loss_fn, lam=config.ridge_lam, learning_rate=0.1)
     ref = study.reference_gradient(problem, est, config)
-    # Oracle: tf_imaml.problems.ridge_meta_gradient, the closed form at the exact minimiser.
+    # Oracle: tf_imaml.testing.ridge_meta_gradient, the closed form at the exact minimiser.
     assert ref["ok"].all() and np.all(ref["inner_grad_norm"] < 1e-8)
     np.testing.assert_allclose(ref["target"], target, rtol=1e-7, atol=1e-10)
     labels = [row["inner_steps"] for row in ref["trajectory"]]

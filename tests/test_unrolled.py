@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_imaml import problems
+from tf_imaml import testing
 from tf_imaml import tree
 from tf_imaml import unrolled
 
@@ -13,8 +13,8 @@ ALPHA, STEPS = 0.05, 7
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_jacobian_is_product_of_step_matrices(first_order, run):
-    tasks = problems.linear_tasks(num_tasks=2, num_support=5, num_query=1, dim=3, seed=0)
-    loss_fn = problems.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    tasks = testing.linear_tasks(num_tasks=2, num_support=5, num_query=1, dim=3, seed=0)
+    loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     theta = tree.broadcast_to_tasks([tf.constant([0.3, -0.2, 0.5], tf.float64)], 2)
 
     def jacobian():
@@ -26,7 +26,7 @@ def test_jacobian_is_product_of_step_matrices(first_order, run):
         return result.adapted_params[0], tape.batch_jacobian(result.adapted_params[0], theta[0])
 
     phi, jac = run(jacobian)
-    h = problems.ridge_hessian(tasks.support_x)
+    h = testing.ridge_hessian(tasks.support_x)
     step = np.eye(3) - ALPHA * h
     want_jac = np.linalg.matrix_power(step, STEPS) if not first_order else np.eye(3)[None]
     # Oracle: (I - alpha H)^K for the quadratic loss (identity when first-order).
@@ -39,7 +39,7 @@ def test_jacobian_is_product_of_step_matrices(first_order, run):
 
 
 def test_bad_values_raise():
-    loss_fn = problems.ridge_loss_fn(tf.zeros([1, 2, 2], tf.float64), tf.zeros([1, 2], tf.float64))
+    loss_fn = testing.ridge_loss_fn(tf.zeros([1, 2, 2], tf.float64), tf.zeros([1, 2], tf.float64))
     params = [tf.zeros([1, 2], tf.float64)]
     with pytest.raises(ValueError, match="num_steps must be >= 0"):
         unrolled.unrolled_gradient_descent(loss_fn, params, num_steps=-1, learning_rate=0.1)

@@ -6,6 +6,9 @@ The functional core (pure functions over task-batched lists of tensors):
 `tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. The task layer
 (a Keras learner and a loss as per-task closures): `tasks`. Keras pieces: `layers`,
 `models`. Shipped meta-learners, loaded by name: `pretrained`.
+
+Not imported here: `tf_imaml.testing` (problems with known answers, for tests and the
+demo) and `tf_imaml.reporting` (the studies' writer), which are imported where needed.
 """
 
 from tf_imaml import baselines
@@ -26,8 +29,6 @@ from tf_imaml import meta_model
 from tf_imaml import mini_imagenet
 from tf_imaml import models
 from tf_imaml import pretrained
-from tf_imaml import problems
-from tf_imaml import reporting
 from tf_imaml import tasks
 from tf_imaml import tree
 from tf_imaml import unrolled
@@ -75,8 +76,6 @@ __all__ = [
     "proximal_curvature",
     "models",
     "pretrained",
-    "problems",
-    "reporting",
     "tasks",
     "proximal_adapt",
     "solve_cg",

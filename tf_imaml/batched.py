@@ -10,11 +10,10 @@ How each layer is evaluated with per-task weights:
 
 - `Dense`: one batched matmul, `[T, n, d] @ [T, d, k]`.
 - `Conv2D`: TensorFlow's grouped convolution has no filter gradient on CPU, and an
-  im2col (patches + batched matmul) was slower than plain convolutions in a measurement
-  (`../shared/NOTES_TF.md`-style check: 1.7 s against 0.28 s for a gradient at 80 images,
-  32 tasks). So with a static number of tasks each task gets its own `tf.nn.conv2d` in the
-  same graph (independent ops that TensorFlow runs in parallel); with a dynamic number the
-  patches + matmul form is used.
+  im2col (patches + batched matmul) is slower than plain convolutions. So with a static
+  number of tasks each task gets its own `tf.nn.conv2d` in the same graph (independent ops
+  that TensorFlow runs in parallel); with a dynamic number the patches + matmul form is
+  used.
 - `BatchStatNormalization`: moments per task over its own examples and positions.
 - Layers without weights that act on each example alone (activations, pooling, flatten,
   reshape): the task axis is folded into the batch axis and the layer itself is called.

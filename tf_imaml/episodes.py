@@ -303,7 +303,7 @@ def sinusoid_episodes(
     """Sinusoid regression episodes of Finn et al. (2017).
 
     Task `t` is `y = A_t sin(x - phase_t)` with `A_t ~ U[0.1, 5]`, `phase_t ~ U[0, pi]`, and
-    inputs `x ~ U[-5, 5]` (the distribution of `problems.sinusoid_tasks`). Targets keep a
+    inputs `x ~ U[-5, 5]` (the distribution of `tf_imaml.testing.sinusoid_tasks`). Targets keep a
     trailing axis of size 1, matching a `Dense(1)` output under mean squared error.
 
     Args:

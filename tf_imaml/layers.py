@@ -1,7 +1,7 @@
 """Keras layers whose second derivatives are exact on TensorFlow.
 
 iMAML needs Hessian-vector products of the support loss, and two stock Keras layers get them
-silently wrong on the TensorFlow backend (see `../shared/NOTES_TF.md`):
+silently wrong on the TensorFlow backend (`tests/test_layers.py` measures it):
 
 - `keras.layers.BatchNormalization` (and `LayerNormalization`, `GroupNormalization`) take
   their moments from `tf.nn.moments`, which computes the variance around

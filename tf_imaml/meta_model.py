@@ -103,10 +103,8 @@ class MetaLearner(keras.Model):
         loop and the Hessian-vector products, where each task has only a few examples)
         and task by task on the query sets. `"per_task"`: everything task by task with
         `tf.map_fn` (up to 10 tasks run concurrently). `"auto"` is `"support"` where the
-        learner supports batching, else `"per_task"`: on the project's 2-core CPU, side by
-        side at meta-batch 32, a meta-step took 2.68 s with `"support"`, 3.85 s with
-        `"per_task"` and 4.14 s with `"batched"` (`scripts/benchmark.py`, README).
-        Default value: `"auto"`.
+        learner supports batching, else `"per_task"` (`"support"` is the fastest of the
+        three on CPU; `scripts/benchmark.py` compares them). Default value: `"auto"`.
       name: Model name.
     """
 

@@ -13,8 +13,7 @@ only the sampled images, inside the `tf.data` pipeline.
   `{train,val,test}.csv` (`filename,label` rows, `label` the WordNet id) at the top or in
   `splits_ravi/`.
 
-The default path is `$TF_IMAML_MINI_IMAGENET`, else `../shared/data/mini_imagenet` relative to
-the working directory or to the repository, whichever exists.
+The default path is `$TF_IMAML_MINI_IMAGENET`; otherwise pass `path`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from typing import NamedTuple
 import numpy as np
 
 SUBSETS = ("train", "val", "test")
-_REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 
 
 class JpegImages:
@@ -80,15 +78,10 @@ class JpegFewShotData(NamedTuple):
 
 
 def default_path() -> pathlib.Path | None:
-    """Where mini-ImageNet is looked for by default; `None` if none of the places exists."""
-    candidates = [os.environ.get("TF_IMAML_MINI_IMAGENET")]
-    candidates += [
-        base / ".." / "shared" / "data" / "mini_imagenet"
-        for base in (pathlib.Path.cwd(), _REPOSITORY)
-    ]
-    for candidate in candidates:
-        if candidate and pathlib.Path(candidate).is_dir():
-            return pathlib.Path(candidate).resolve()
+    """`$TF_IMAML_MINI_IMAGENET` if it names a folder, else `None`."""
+    candidate = os.environ.get("TF_IMAML_MINI_IMAGENET")
+    if candidate and pathlib.Path(candidate).is_dir():
+        return pathlib.Path(candidate).resolve()
     return None
 
 
@@ -113,8 +106,8 @@ def load_mini_imagenet(subset: str, *, path=None) -> JpegFewShotData:
         path = default_path()
         if path is None:
             raise ValueError(
-                "no mini-ImageNet found: set --data_dir / path, or $TF_IMAML_MINI_IMAGENET, or "
-                "put it at ../shared/data/mini_imagenet"
+                "no mini-ImageNet found: pass path (a script's --data_dir) or set "
+                "$TF_IMAML_MINI_IMAGENET to the folder"
             )
     path = pathlib.Path(path)
     names = [f"mini_imagenet_84x84_jpeg_{subset}.npz"]
