@@ -9,6 +9,13 @@ time is the median of `--repeats` meta-steps after `--warmup` steps. The run als
 the machine's dense throughput (a matmul and a convolution) at its start and end, so that
 the meta-steps read as a fraction of what the machine can do.
 
+`--precision=float32,mixed_bfloat16,...` times iMAML-GD at the reference K under Keras dtype
+policies with oneDNN on (each policy in its own process, since both are global), and reads
+each policy's meta-gradient off `SGD(1.0)` steps from the same seed-0 weights on the same
+episode, for the whole meta-batch and task by task; the table gives its relative L2 error
+against float32's, next to float32 with oneDNN off (the round-off reference). The report
+names the processor and whether it has AVX512_BF16 and AMX.
+
 Writes `<output_dir>/results.json`, `<output_dir>/benchmark.md` (the tables) and
 `<output_dir>/benchmark.png` (time and peak memory against inner steps: Figure 2b of
 Rajeswaran et al. 2019, for several inner optimizers).
@@ -75,7 +82,9 @@ _PRECISION = flags.DEFINE_list(
     [],
     f"Keras dtype policies ({', '.join(POLICIES)}; float32 among them) under which iMAML-GD "
     "is timed at the reference K with oneDNN on, side by side, each with the relative L2 "
-    "error of its meta-gradient (same initial weights, same episode) against float32's.",
+    "error of its meta-gradient (same initial weights, same episode) against float32's. "
+    "float32 with oneDNN off is added as a round-off reference: its sums run in another "
+    "order, so its error is what float32 rounding alone does to the meta-gradient.",
 )
 _REFERENCE_K = flags.DEFINE_integer("reference_inner_steps", 16, "K of the scaling runs.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed meta-steps per configuration.", lower_bound=1)
@@ -172,37 +181,70 @@ def _build(config: Config, *, optimizer=None):
 
 
 def _meta_gradient_file(config: Config) -> pathlib.Path:
-    """Where the worker of a dtype policy leaves its meta-gradient, next to the episodes."""
-    return pathlib.Path(config.episodes).parent / f"meta_grad_{config.policy}.npy"
+    """Where the worker of a dtype policy leaves its meta-gradients, next to the episodes."""
+    name = f"meta_grad_{config.policy}_onednn{config.onednn}.npz"
+    return pathlib.Path(config.episodes).parent / name
 
 
 def _meta_gradient(config: Config, episode) -> dict:
-    """The meta-gradient of one step from the seed-0 weights, read off an `SGD(1.0)` step.
+    """The meta-gradient of one step from the seed-0 weights, read off `SGD(1.0)` steps.
 
     With the public API, as `tests/test_keras_conformance.py` reads it: `theta - theta'`
-    after `train_on_batch`, on a fresh model built under the process's dtype policy. The
-    difference is taken in float64, so its only error is the rounding of the float32
-    `theta'`: at most `2**-24 * |theta'|` per weight, which `readoff_bound` states relative
-    to the gradient's norm. Saves the vector to `_meta_gradient_file(config)`.
+    after `train_on_batch` on a fresh model built under the process's dtype policy, with
+    `theta` restored before each step. Read for the whole meta-batch (the meta-step's
+    gradient: the mean over the tasks whose solve did not fail) and for each task alone
+    (its gradient and whether its solve failed), so that policies can be compared on the
+    tasks solved under both. The single tasks go through a second model (given the same
+    `theta`): a model traced for one meta-batch size fails on another (in
+    `linear_solve.solve_cg_tf`, whose flattened size is then unknown). The difference is
+    taken in float64: its only error is the rounding of the float32 `theta'`, at most
+    `2**-24 * |theta'|` per weight, which `readoff_bound` states relative to the meta-step
+    gradient's norm. Saves the vectors to `_meta_gradient_file(config)`.
     """
     import keras
 
     meta = _build(config, optimizer=keras.optimizers.SGD(learning_rate=1.0))
-    variables = meta.learner.trainable_variables
-    before = np.concatenate([np.ravel(v.numpy()) for v in variables])
-    logs = meta.train_on_batch(*episode, return_dict=True)
-    after = np.concatenate([np.ravel(v.numpy()) for v in variables])
-    grad = before.astype(np.float64) - after.astype(np.float64)
-    np.save(_meta_gradient_file(config), grad)
+    initial = [v.numpy() for v in meta.learner.trainable_variables]
+    theta = np.concatenate([np.ravel(w) for w in initial]).astype(np.float64)
+
+    def read_step(model, inputs, labels):
+        variables = model.learner.trainable_variables
+        for variable, value in zip(variables, initial, strict=True):
+            variable.assign(value)
+        logs = model.train_on_batch(inputs, labels, return_dict=True)
+        after = np.concatenate([np.ravel(v.numpy()) for v in variables]).astype(np.float64)
+        return theta - after, after, float(logs.get("failed_fraction", 0.0))
+
+    (support_x, support_y, query_x), query_y = episode
+    grad, after, failed_fraction = read_step(meta, (support_x, support_y, query_x), query_y)
+    one_task_meta = _build(config, optimizer=keras.optimizers.SGD(learning_rate=1.0))
+    task_grads, task_failed = [], []
+    for t in range(int(query_y.shape[0])):
+        one = slice(t, t + 1)
+        g, _, failed = read_step(
+            one_task_meta, (support_x[one], support_y[one], query_x[one]), query_y[one]
+        )
+        task_grads.append(g)
+        task_failed.append(failed > 0)
+    task_grads, task_failed = np.stack(task_grads), np.array(task_failed)
+    np.savez(
+        _meta_gradient_file(config), meta_grad=grad, task_grads=task_grads, task_failed=task_failed
+    )
     norm = float(np.linalg.norm(grad))
+    # The meta-step's gradient rebuilt from the tasks alone: the mean over the solved ones.
+    rebuilt = task_grads[~task_failed].mean(axis=0) if (~task_failed).any() else 0.0 * grad
     return {
         "compute_dtype": meta.learner.dtype_policy.compute_dtype,
-        "variable_dtype": str(variables[0].dtype),
-        "initial_weights_sha1": hashlib.sha1(before.tobytes()).hexdigest(),
+        "variable_dtype": str(meta.learner.trainable_variables[0].dtype),
+        "initial_weights_sha1": hashlib.sha1(theta.tobytes()).hexdigest(),
         "meta_grad_norm": norm,
         # None when every task's solve failed (the step was skipped: no gradient to read).
         "readoff_bound": float(2.0**-24 * np.linalg.norm(after) / norm) if norm else None,
-        "meta_grad_failed_fraction": float(logs.get("failed_fraction", 0.0)),
+        "meta_grad_failed_fraction": failed_fraction,
+        "failed_tasks": [int(t) for t in np.flatnonzero(task_failed)],
+        "rebuilt_from_tasks_error": (
+            float(np.linalg.norm(rebuilt - grad) / norm) if norm else None
+        ),
     }
 
 
@@ -307,14 +349,18 @@ def run_worker(config: Config) -> dict:
     first_step_s = time.perf_counter() - start
     for i in range(1, config.warmup):
         meta.train_on_batch(*batches[i % len(batches)])
-    times = []
+    times, cpu_times = [], []
     for i in range(config.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         logs = meta.train_on_batch(*batches[(config.warmup + i) % len(batches)], return_dict=True)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     result = {
         "step_s": float(np.median(times)),
         "step_times_s": [round(x, 4) for x in times],
+        # CPU seconds of this process (all its threads): the work of a step, which other
+        # jobs on the same cores inflate far less than the wall-clock time.
+        "step_cpu_s": float(np.median(cpu_times)),
         "first_step_s": first_step_s,
         "failed_fraction": float(logs.get("failed_fraction", 0.0)),
         "task_batching_used": (
@@ -429,25 +475,68 @@ def processor() -> dict:
     }
 
 
-def add_meta_gradient_errors(rows: list[dict], episodes: pathlib.Path) -> None:
-    """Each dtype-policy row's relative L2 meta-gradient error against float32's, in place.
+def add_meta_gradient_errors(rows: list[dict]) -> None:
+    """Each dtype-policy row's meta-gradient errors against float32's, in place.
 
-    `||g - g_float32|| / ||g_float32||` with both read off from the same weights and
-    episode (`_meta_gradient`); `None` where either run failed or float32's meta-gradient
-    is zero (every task's solve failed, so the step was skipped).
+    All relative L2 errors `||g - g_float32|| / ||g_float32||`, with both gradients read
+    off from the same weights and episode (`_meta_gradient`):
+
+    - `meta_grad_error_vs_float32`: the meta-step's gradient, as the library takes it (the
+      mean over the tasks whose solve did not fail, which can differ between policies);
+    - `common_tasks_error_vs_float32`: the mean over the `solved_in_both` tasks solved under
+      both policies, each task's gradient read alone: free of the tasks that one policy
+      drops and the other keeps;
+    - `median_task_error_vs_float32`: the median over those tasks of each task's error;
+    - `failure_flips_vs_float32`: tasks whose solve failed under one policy only.
+
+    `None` where either run failed or float32's gradient is zero (every solve failed).
     """
-    reference = episodes.parent / "meta_grad_float32.npy"
-    want = np.load(reference) if reference.exists() else None
-    if want is not None and not np.linalg.norm(want) > 0:
-        want = None
-    for row in rows:
-        if row["sweep"] != "precision":
-            continue
-        path = episodes.parent / f"meta_grad_{row['config']['policy']}.npy"
-        error = None
+    section = [r for r in rows if r["sweep"] == "precision"]
+    reference = next(
+        (
+            _meta_gradient_file(Config(**r["config"]))
+            for r in section
+            if (r["config"]["policy"], r["config"]["onednn"]) == ("float32", "1")
+        ),
+        None,
+    )
+    want = dict(np.load(reference)) if reference and reference.exists() else None
+    for row in section:
+        path = _meta_gradient_file(Config(**row["config"]))
+        errors = dict.fromkeys(
+            (
+                "meta_grad_error_vs_float32",
+                "common_tasks_error_vs_float32",
+                "median_task_error_vs_float32",
+                "solved_in_both",
+                "failure_flips_vs_float32",
+            )
+        )
         if want is not None and "error" not in row["result"] and path.exists():
-            error = float(np.linalg.norm(np.load(path) - want) / np.linalg.norm(want))
-        row["meta_grad_error_vs_float32"] = error
+            got = dict(np.load(path))
+            both = ~got["task_failed"] & ~want["task_failed"]
+            errors["solved_in_both"] = int(both.sum())
+            errors["failure_flips_vs_float32"] = int(
+                (got["task_failed"] != want["task_failed"]).sum()
+            )
+            errors["meta_grad_error_vs_float32"] = _relative_error(
+                got["meta_grad"], want["meta_grad"]
+            )
+            if both.any():
+                errors["common_tasks_error_vs_float32"] = _relative_error(
+                    got["task_grads"][both].sum(axis=0), want["task_grads"][both].sum(axis=0)
+                )
+                per_task = [
+                    _relative_error(g, w)
+                    for g, w in zip(got["task_grads"][both], want["task_grads"][both], strict=True)
+                ]
+                errors["median_task_error_vs_float32"] = float(np.median(per_task))
+        row.update(errors)
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float | None:
+    norm = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / norm) if norm > 0 else None
 
 
 def make_episodes(path: pathlib.Path, config: Config, num_batches: int) -> None:
@@ -595,39 +684,66 @@ def _onednn_ratios(rows: list[dict]) -> list[str]:
 
 
 def _precision_table(rows: list[dict]) -> list[str]:
-    """Dtype policies side by side: meta-step time and meta-gradient error against float32."""
+    """Dtype policies side by side: meta-step time and meta-gradient errors against float32."""
     section = [r for r in rows if r["sweep"] == "precision"]
     if not section:
         return []
     reference = next(
-        (r["result"] for r in section if r["config"]["policy"] == "float32"), {"error": ""}
+        (
+            r["result"]
+            for r in section
+            if (r["config"]["policy"], r["config"]["onednn"]) == ("float32", "1")
+        ),
+        {"error": ""},
     )
     c = section[0]["config"]
     lines = [
-        "### Dtype policies, oneDNN on: meta-step time and meta-gradient error against float32",
+        "### Dtype policies with oneDNN on: meta-step time and meta-gradient error against float32",
         "",
         f"{c['algorithm']}, K = {c['inner_steps']}, meta-batch {c['meta_batch_size']}, "
-        f"{c['cg_steps']} CG steps, {c['filters']} filters; time: median of {c['repeats']} "
-        "meta-steps (Adam) after warm-up; error: `||g - g_float32|| / ||g_float32||` of one "
-        "`SGD(1.0)` step from the same seed-0 weights on the same episode.",
+        f"{c['cg_steps']} CG steps, {c['filters']} filters. Time: median of {c['repeats']} "
+        "meta-steps (Adam) after warm-up, wall-clock and CPU seconds of the process (which "
+        "other jobs on the same cores inflate less). Errors: `||g - g_float32|| / ||g_float32||` of "
+        "`SGD(1.0)` steps from the same seed-0 weights on the same episode: the meta-step's "
+        "gradient (the mean over the tasks whose solve did not fail), then the tasks solved "
+        "under both policies, each read alone (their sum, and the median task). float32 "
+        "with oneDNN off is the round-off reference: the same float32 arithmetic, summed in "
+        "another order.",
         "",
-        "| policy | compute dtype | oneDNN | s / meta-step | speed vs float32 | "
-        "meta-grad rel. error | read-off bound | failed solves (that step) | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | compute dtype | oneDNN | s / meta-step | CPU s / meta-step | "
+        "speed vs float32 (wall, CPU) | "
+        "meta-step error | error, tasks solved in both | median task error | "
+        "failed solves (differ from float32) | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bounds = []
     for r in section:
         m, policy = r["result"], r["config"]["policy"]
+        if r["config"]["onednn"] == "0":
+            policy += " (round-off reference)"
         if "error" in m:
-            lines.append(f"| {policy} | — | — | {m['error'][:77]} | — | — | — | — | — |")
+            lines.append(f"| {policy} | — | — | {m['error'][:77]} |" + " — |" * 7)
             continue
-        speed = "—" if "error" in reference else f"{reference['step_s'] / m['step_s']:.2f}x"
-        error = r.get("meta_grad_error_vs_float32")
+        speed = "—"
+        if "error" not in reference:
+            speed = (
+                f"{reference['step_s'] / m['step_s']:.2f}x, "
+                f"{reference['step_cpu_s'] / m['step_cpu_s']:.2f}x"
+            )
+        failed = f"{len(m['failed_tasks'])} / {c['meta_batch_size']}"
+        if r.get("failure_flips_vs_float32") is not None:
+            failed += f" ({r['failure_flips_vs_float32']})"
+        both = "" if r.get("solved_in_both") is None else f" ({r['solved_in_both']} tasks)"
         lines.append(
             f"| {policy} | {m['compute_dtype']} | {'on' if m['onednn_enabled'] else 'off'} | "
-            f"{m['step_s']:.3f} | {speed} | {'—' if error is None else format(error, '.2e')} | "
-            f"{_cell(m, 'readoff_bound', '.1e')} | {m['meta_grad_failed_fraction']:.3f} | "
+            f"{m['step_s']:.3f} | {m['step_cpu_s']:.3f} | {speed} | "
+            f"{_cell(r, 'meta_grad_error_vs_float32', '.2e')} | "
+            f"{_cell(r, 'common_tasks_error_vs_float32', '.2e')}"
+            f"{both} | "
+            f"{_cell(r, 'median_task_error_vs_float32', '.2e')} | {failed} | "
             f"{m['peak_memory_mb']:.0f} |"
         )
+        bounds.append(m["readoff_bound"])
     hashes = {
         r["result"].get("initial_weights_sha1") for r in section if "error" not in r["result"]
     }
@@ -635,7 +751,9 @@ def _precision_table(rows: list[dict]) -> list[str]:
         "",
         "Initial weights: "
         + ("the same in every run" if len(hashes) == 1 else f"DIFFERENT ({len(hashes)} hashes)")
-        + " (SHA-1 of the float32 values).",
+        + " (SHA-1 of the float32 values). Read-off resolution (float32 rounding of the "
+        "stepped weights, relative to the meta-step gradient): at most "
+        + (f"{max(bounds):.1e}." if bounds and None not in bounds else "— (a zero meta-gradient)."),
         "",
     ]
     return lines
@@ -725,6 +843,8 @@ def plan(base: Config) -> list[tuple[str, Config]]:
         configs.append(("precision", dataclasses.replace(reference, onednn="1", policy=policy)))
     if _PRECISION.value and "float32" not in _PRECISION.value:
         raise app.UsageError("--precision: float32 must be one of the policies (the reference)")
+    if _PRECISION.value:  # the round-off reference
+        configs.append(("precision", dataclasses.replace(reference, onednn="0", policy="float32")))
     return configs
 
 
@@ -812,11 +932,13 @@ def main(argv):
         print(
             f"[{i}/{len(configs)} {time.time() - started:5.0f} s] {sweep}: {config.algorithm} "
             f"K={config.inner_steps} T={config.meta_batch_size} CG={config.cg_steps} "
-            f"{config.task_batching}{' ' + config.policy if config.policy else ''}: {summary}",
+            f"{config.task_batching}{' ' + config.policy if config.policy else ''}"
+            f"{' oneDNN ' + {'0': 'off', '1': 'on'}[config.onednn] if config.onednn else ''}: "
+            f"{summary}",
             flush=True,
         )
     machine["end"] = machine_throughput(**throughput)
-    add_meta_gradient_errors(rows, pathlib.Path(base.episodes))
+    add_meta_gradient_errors(rows)
     shutil.rmtree(pathlib.Path(base.episodes).parent, ignore_errors=True)
     (output_dir / "results.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=1)

@@ -138,25 +138,42 @@ def test_dtype_policies_side_by_side_with_meta_gradient_errors(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["machine"]["processor"]["flags"]) >= {"avx512_bf16", "amx_bf16"}
     rows = results["rows"]
+    # The policies with oneDNN on, then float32 with oneDNN off (the round-off reference).
     assert [(r["sweep"], r["config"]["policy"], r["config"]["onednn"]) for r in rows] == [
         ("precision", "float32", "1"),
         ("precision", "mixed_bfloat16", "1"),
+        ("precision", "float32", "0"),
     ]
-    float32, bfloat16 = (r["result"] for r in rows)
-    # The worker's TensorFlow had oneDNN on; the learner computed in the policy's dtype
-    # with float32 variables, from the same initial weights.
+    float32, bfloat16, float32_off = (r["result"] for r in rows)
+    # The worker's TensorFlow had oneDNN as asked; the learner computed in the policy's
+    # dtype with float32 variables, from the same initial weights.
     assert float32["onednn_enabled"] and bfloat16["onednn_enabled"]
+    assert float32_off["onednn_enabled"] is False and float32_off["compute_dtype"] == "float32"
+    assert float32_off["initial_weights_sha1"] == float32["initial_weights_sha1"]
+    assert rows[2]["meta_grad_error_vs_float32"] is not None
     assert (float32["compute_dtype"], bfloat16["compute_dtype"]) == ("float32", "bfloat16")
     assert float32["variable_dtype"] == bfloat16["variable_dtype"] == "float32"
     assert float32["initial_weights_sha1"] == bfloat16["initial_weights_sha1"]
-    assert float32["step_s"] > 0 and bfloat16["step_s"] > 0 and float32["meta_grad_norm"] > 0
+    assert all(m["step_s"] > 0 and m["step_cpu_s"] > 0 for m in (float32, bfloat16))
+    assert float32["meta_grad_norm"] > 0
     # Oracle: float32 is its own reference (0 exactly); bfloat16 rounds, so it differs.
     assert rows[0]["meta_grad_error_vs_float32"] == 0.0
+    assert rows[0]["common_tasks_error_vs_float32"] == 0.0
+    assert rows[0]["failure_flips_vs_float32"] == 0 and rows[0]["solved_in_both"] >= 1
     assert rows[1]["meta_grad_error_vs_float32"] > 0
+    # Oracle: the meta-step's gradient is the mean of the solved tasks' gradients, each read
+    # alone. Tolerance: float32 rounding (6e-8) through K = 16 inner steps and the solve,
+    # batched against one task at a time; measured 8e-7.
+    solved = 2 - len(float32["failed_tasks"])
+    assert solved >= 1 and float32["meta_grad_failed_fraction"] == 1 - solved / 2
+    assert float32["rebuilt_from_tasks_error"] < 1e-5
     table = (tmp_path / "benchmark.md").read_text()
-    assert "### Dtype policies, oneDNN on" in table
-    assert "| float32 | float32 | on | " in table and "| 1.00x | 0.00e+00 |" in table
+    assert "### Dtype policies with oneDNN on" in table
+    assert (
+        "| float32 | float32 | on | " in table and "| 1.00x, 1.00x | 0.00e+00 | 0.00e+00 (" in table
+    )
     assert "| mixed_bfloat16 | bfloat16 | on | " in table
+    assert "| float32 (round-off reference) | float32 | off | " in table
     assert "Initial weights: the same in every run" in table
     assert "Processor: " in table and "avx512_bf16 " in table
 
