@@ -898,9 +898,11 @@ def main(argv):
         dataset=_DATASET.value,
         data_dir=_DATA_DIR.value,
         warmup=_WARMUP.value,
-        episodes=str(pathlib.Path(tempfile.mkdtemp(prefix="tf_imaml_benchmark_")) / "episodes.npz"),
     )
-    configs = plan(base)  # Flag errors before anything is written.
+    configs = plan(base)  # Flag errors before anything is written (the temporary folder too).
+    episodes = str(pathlib.Path(tempfile.mkdtemp(prefix="tf_imaml_benchmark_")) / "episodes.npz")
+    base = dataclasses.replace(base, episodes=episodes)
+    configs = [(sweep, dataclasses.replace(c, episodes=episodes)) for sweep, c in configs]
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"Sampling {base.dataset} episodes into {base.episodes} ...", flush=True)
     make_episodes(

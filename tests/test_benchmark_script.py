@@ -15,12 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _run(*args):
+def _run(*args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", *args],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env or ENV,
         timeout=1200,
         check=False,
     )
@@ -179,6 +179,9 @@ def test_dtype_policies_side_by_side_with_meta_gradient_errors(tmp_path):
 
 
 def test_precision_needs_float32_as_the_reference(tmp_path):
-    proc = _run(f"--output_dir={tmp_path / 'out'}", "--precision=mixed_bfloat16")
+    (tmp_path / "tmp").mkdir()
+    env = dict(ENV, TMPDIR=str(tmp_path / "tmp"))
+    proc = _run(f"--output_dir={tmp_path / 'out'}", "--precision=mixed_bfloat16", env=env)
     assert proc.returncode != 0 and "float32 must be one of the policies" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    # Nothing written: no output folder, no temporary episodes folder.
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "tmp").iterdir())
