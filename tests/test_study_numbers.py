@@ -1,4 +1,4 @@
-"""The figures docs/STUDIES.md and README.md's studies table quote, recomputed from the JSON.
+"""The figures docs/STUDIES.md and docs/results.md's studies table quote, recomputed from the JSON.
 
 Every study writes a JSON file with every number it measured (`docs/studies/*/`); the prose
 quotes some of them (issue #18, section 4 found several that did not match). Each check below
@@ -14,9 +14,9 @@ are compared with the configuration its JSON records.
 
 Figures whose source is not committed, so not checked against a JSON:
 
-- Study 1: the tanh conv net (STUDIES.md's tanh bullet and its sub-bullets, README row 1's
-  "up to 200 GD steps", "about 0.5 relative error", "5 CG steps is closest, with 20 it is
-  worst", "explodes with the paper's step 0.1") and the ReLU L-BFGS run ("300 float64 L-BFGS
+- Study 1: the tanh conv net (STUDIES.md's tanh bullet and its sub-bullets, docs/results.md's
+  row 1's "up to 200 GD steps", "about 0.5 relative error", "5 CG steps is closest, with 20 it
+  is worst", "explodes with the paper's step 0.1") and the ReLU L-BFGS run ("300 float64 L-BFGS
   iterations ... ‖∇G‖ 0.14 to 0.31"): their JSON files (tanh_lr0.01/, tanh_lr0.1/,
   relu_lbfgs/) were left out of the repository. The `.md` tables the script wrote from the
   same numbers are committed, and `test_study1_tanh_and_relu_lbfgs_against_the_committed_md`
@@ -45,7 +45,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STUDIES_DIR = ROOT / "docs" / "studies"
 STUDIES = (ROOT / "docs" / "STUDIES.md").read_text()
-README = (ROOT / "README.md").read_text()
+RESULTS = (ROOT / "docs" / "results.md").read_text()
 
 # A figure as the docs print it: 0.53, -0.35, 7.3e-3, 2.4e4, 60,000.
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -105,10 +105,10 @@ def _section(number):
     return match.group(0)
 
 
-def _readme_row(number):
-    """The line of README.md's studies table for study `number`."""
-    match = re.search(rf"^\| {number}\. .*$", README, re.M)
-    assert match, f"README.md's studies table has no row {number}"
+def _results_row(number):
+    """The line of docs/results.md's studies table for study `number`."""
+    match = re.search(rf"^\| {number}\. .*$", RESULTS, re.M)
+    assert match, f"docs/results.md's studies table has no row {number}"
     return match.group(0)
 
 
@@ -261,8 +261,8 @@ def test_study1_relu_conv_net_has_no_reference():
     )
 
 
-def test_readme_row1():
-    row = _readme_row(1)
+def test_results_row1():
+    row = _results_row(1)
     ratios = [_ridge_error("imaml", k) / _ridge_error("maml", k) for k in RIDGE_K if k <= 50]
     _check(
         row,
@@ -448,8 +448,8 @@ def test_study1_tanh_and_relu_lbfgs_against_the_committed_md():
     assert [int(k) for k in values["inner_steps"].split(",")] == sorted(small)
     assert int(values["reference_inner_steps"]) == int(header["max_iterations"])
     assert int(values["reference_cg_steps"]) == int(header["cg_steps"])
-    # README row 1: every estimate off by about 0.5 or more, C = 5 closest, C = 20 worst.
-    row = _readme_row(1)
+    # docs/results.md row 1: every estimate off by about 0.5 or more, C = 5 closest, C = 20 worst.
+    row = _results_row(1)
     steps, off, c5, worst, step = _find(
         row,
         "after up to {} GD steps every estimate is off by about {} relative error or more: iMAML "
@@ -552,7 +552,7 @@ def test_study2_training():
     )
     _check(_section(2), "on this net, up to {} unrolled steps", max(MP_K))
     _check(
-        _readme_row(2),
+        _results_row(2),
         "no steady drift with K up to {}; training {} +- {}% (float32) vs {} +- {}% (float64)",
         max(MP_K),
         _pct(training["float32"]["test_accuracy"]),
@@ -684,7 +684,7 @@ def test_study3_findings():
     )
     assert best == IS_MODELS[shipped]["train_steps"]
     _check(
-        _readme_row(3),
+        _results_row(3),
         "after {} meta-steps iMAML at K_train 5 or 16 beats MAML at K_train 1 and 5 ({}% vs {}% "
         "at {} steps each); iMAML at K_train 1 collapses ({}% failed solves)",
         IS["config"]["meta_steps"],
@@ -861,7 +861,7 @@ def test_study4_mini_imagenet():
     _check(text, "Hessian-Lipschitz estimates are {} to {} (median)", min(medians), max(medians))
 
 
-def test_study4_short_answer_and_readme():
+def test_study4_short_answer_and_results_row():
     config = AS["config"]
     init = {lam: _row(AS, "init", lam)["indefinite"] for lam in config["lams"]}
     for lam, share in init.items():  # "at the random initialisation for lam >= 2"
@@ -884,7 +884,7 @@ def test_study4_short_answer_and_readme():
     )
     at2 = [_pct(row["indefinite"]) for row in _rows(AS, lam=2.0)]
     _check(
-        _readme_row(4),
+        _results_row(4),
         "`I + H/lam` is provably indefinite for {} to {}% of Omniglot tasks at lam = {} at every "
         "checkpoint; no lam in {} to {} fixes it after training at lam = {} (at the random "
         "initialisation lam = {} leaves {}%,",
@@ -901,7 +901,7 @@ def test_study4_short_answer_and_readme():
         _row(AS_MI, "init", 0.5)["indefinite"] == _row(AS_MI, "pretrained", 0.5)["indefinite"] == 1
     )
     _check(
-        _readme_row(4),
+        _results_row(4),
         "on mini-ImageNet at lam = {} it is indefinite for all {} tasks",
         0.5,
         AS_MI["config"]["num_tasks"],
@@ -1054,7 +1054,7 @@ def test_study5_lam_sweep():
     for run in (lam05, lam2, lam10, lam50):
         gap = run["test_accuracy"] - fomaml["test_accuracy"]
         assert gap < run["test_ci95"] + fomaml["test_ci95"], run["run"]
-    row = _readme_row(5)
+    row = _results_row(5)
     drop, first_order = _run(FA, "imaml_drop"), _run(FA, "imaml_first_order")
     _check(
         row,
@@ -1140,7 +1140,7 @@ def test_study6_newton_steps():
         config["tasks"] * config["newton_steps"],
     )
     _check(
-        _readme_row(6),
+        _results_row(6),
         "with it, G never rose in {} Newton steps; without it, {} to {}% of steps raise G",
         sum(t["num_steps_total"] for t in searched),
         min(rises),
@@ -1187,7 +1187,7 @@ def test_study6_training():
         off["train_seconds"],
     )
     _check(
-        _readme_row(6),
+        _results_row(6),
         "meta-trained {} steps, iMAML-HF scores {}% with the search and {}% without",
         on["meta_steps"],
         _pct(on["test_accuracy"]),
@@ -1379,8 +1379,8 @@ def test_study7_findings():
     )
 
 
-def test_readme_row7():
-    row = _readme_row(7)
+def test_results_row7():
+    row = _results_row(7)
     maml, imaml, fomaml = (_record(MI, a) for a in ("maml", "imaml", "fomaml"))
     quoted = _check(
         row,
