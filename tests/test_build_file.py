@@ -97,6 +97,9 @@ def _expected_deps(path: pathlib.Path, src_to_target: dict) -> set[str]:
                     deps.add(":" + src_to_target[rel])
         elif top in THIRD_PARTY:
             deps.add(f"@pypi//{THIRD_PARTY[top]}")
+        elif (path.parent / f"{top}.py").exists() and "scripts" in path.relative_to(ROOT).parts:
+            # Scripts import the modules beside them (scripts/common.py, the studies' harness).
+            deps.add(":" + src_to_target[str((path.parent / f"{top}.py").relative_to(ROOT))])
         elif top not in sys.stdlib_module_names and top not in ("conftest",):
             raise AssertionError(f"{path}: import {name} is neither ours, stdlib nor known")
     return deps
@@ -105,9 +108,17 @@ def _expected_deps(path: pathlib.Path, src_to_target: dict) -> set[str]:
 def _sources():
     return (
         sorted((ROOT / "tf_imaml").rglob("*.py"))
-        + sorted((ROOT / "tests").glob("test_*.py"))
-        + sorted((ROOT / "scripts").glob("*.py"))
+        + sorted((ROOT / "tests").rglob("test_*.py"))
+        + sorted((ROOT / "scripts").rglob("*.py"))
     )
+
+
+def _kind(path: pathlib.Path) -> str:
+    """The rule a source needs: scripts are binaries, except modules the studies share."""
+    top = str(path.relative_to(ROOT)).split("/")[0]
+    if top == "scripts" and 'if __name__ == "__main__":' not in path.read_text():
+        return "py_library"
+    return {"tf_imaml": "py_library", "tests": "py_test", "scripts": "py_binary"}[top]
 
 
 def test_every_file_has_exactly_one_target_of_the_right_kind():
@@ -120,9 +131,7 @@ def test_every_file_has_exactly_one_target_of_the_right_kind():
         rel = str(path.relative_to(ROOT))
         assert len(owners.get(rel, [])) == 1, f"{rel} must be in exactly one BUILD target"
         kind = targets[owners[rel][0]].kind
-        want = {"tf_imaml": "py_library", "tests": "py_test", "scripts": "py_binary"}[
-            rel.split("/")[0]
-        ]
+        want = _kind(path)
         assert kind == want, f"{rel} is a {kind}, should be a {want}"
     for src in owners:
         assert (ROOT / src).exists(), f"BUILD names {src}, which does not exist"
@@ -140,7 +149,11 @@ def test_deps_match_imports(path):
     # A target needs what any of its sources imports (a py_test's include the runner).
     expected = set().union(*(_expected_deps(ROOT / src, src_to_target) for src in target.srcs))
     if rel.startswith("tests/"):
-        expected.add(":conftest")
+        # Every conftest.py from tests/ down to the test's folder applies to it.
+        for folder in path.relative_to(ROOT / "tests").parents:
+            conftest = f"tests/{folder}/conftest.py".replace("/./", "/")
+            if conftest in src_to_target:
+                expected.add(":" + src_to_target[conftest])
     for dep in declared:
         assert not dep.startswith(":") or dep[1:] in targets, f"{rel}: no target {dep}"
     assert declared == expected, (

@@ -8,7 +8,8 @@ The functional core (pure functions over task-batched lists of tensors):
 `models`. Shipped meta-learners, loaded by name: `pretrained`.
 
 Not imported here: `tf_imaml.testing` (problems with known answers, for tests and the
-demo) and `tf_imaml.reporting` (the studies' writer), which are imported where needed.
+demo) and `tf_imaml.reference` (the exact proximal point by L-BFGS, an oracle for checking
+meta-gradients), which are imported where needed.
 """
 
 from tf_imaml import baselines

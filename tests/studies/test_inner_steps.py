@@ -1,10 +1,7 @@
-"""scripts/study_inner_steps.py at a tiny size: files, rows, and K_test = 0 = no adaptation."""
+"""scripts/studies/inner_steps.py at a tiny size: files, rows, and K_test = 0 = no adaptation."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -12,30 +9,13 @@ import pytest
 # Slow: runs the study at a tiny size (meta-training included).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_inner_steps", ROOT / "scripts" / "study_inner_steps.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_script()
-
 
 def test_tiny_study_writes_tables_plot_and_consistent_numbers(
-    tmp_path, small_omniglot, monkeypatch
+    study, tiny, tmp_path, omniglot_subset, assert_png
 ):
-    # Real Omniglot characters, 24 of them (loading and resizing all 1623 costs seconds).
-    monkeypatch.setattr(study.tf_imaml.datasets, "OMNIGLOT_PATH", small_omniglot)
-    config = dataclasses.replace(study.tiny_config(str(tmp_path)), pretrained="")
+    config = tiny(pretrained="")
     results = study.run(config)
-    assert (tmp_path / "inner_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(tmp_path / "inner_steps.png")
     saved = json.loads((tmp_path / "inner_steps.json").read_text())
     assert saved["models"] == json.loads(json.dumps(results["models"]))
     labels = [m["label"] for m in saved["models"]]
@@ -88,8 +68,8 @@ def test_tiny_study_writes_tables_plot_and_consistent_numbers(
         ({"pretrained": "/nonexistent.keras"}, "is not a file"),
     ],
 )
-def test_bad_config_is_refused_before_any_work(change, message, tmp_path):
-    config = dataclasses.replace(study.StudyConfig(output_dir=str(tmp_path / "out")), **change)
+def test_bad_config_is_refused_before_any_work(study, change, message, tmp_path):
+    config = dataclasses.replace(study.Config(output_dir=str(tmp_path / "out")), **change)
     with pytest.raises(ValueError, match=message):
         study.run(config)
     assert not (tmp_path / "out").exists()

@@ -23,33 +23,29 @@ rate far too large under `tf_imaml.callbacks.DivergenceGuard`, to show the guard
 Writes `<output_dir>/study_failures.{md,json}` and PNG plots.
 
 Usage:
-  python scripts/study_failures.py --output_dir=docs/studies/failures
-  python scripts/study_failures.py --tiny --output_dir=/tmp/failures  # a smoke run
+  python scripts/studies/failures.py --output_dir=docs/studies/failures
+  python scripts/studies/failures.py --tiny --output_dir=/tmp/failures  # a smoke run
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import sys
 import time
 from typing import NamedTuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+import tf_imaml
+from tf_imaml import tree
 
-import tf_imaml  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-from tf_imaml import tree  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
+PRETRAINED = harness.PRETRAINED
+option = harness.option
 
 
 class Case(NamedTuple):
@@ -105,60 +101,30 @@ RUNS = {
 }
 
 
-def define_flags() -> None:
-    """Defines the flags (only when run as a script, so tests can import several studies)."""
-    global _OUTPUT_DIR, _NUM_TASKS, _TASK_BATCH, _CG_STEPS, _LANCZOS, _DELTA, _RUNS, _META_STEPS, _STEPS_PER_EPOCH, _META_BATCH, _INNER_STEPS, _INNER_LR, _TEST_TASKS, _GUARD_LR, _GUARD_STEPS, _PRETRAINED, _TRAIN_FROM, _IMAGE_SIZE, _FILTERS, _SEED, _TINY  # noqa: PLW0603
-    _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_failures", "Where results go.")
-    _NUM_TASKS = flags.DEFINE_integer("num_tasks", 32, "Tasks per failure-map case.", lower_bound=1)
-    _TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
-    _CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "CG iterations.", lower_bound=1)
-    _LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
-    _DELTA = flags.DEFINE_float("delta", 0.1, "Relative stationarity threshold.")
-    _RUNS = flags.DEFINE_list("runs", list(RUNS), "Training runs compared.")
-    _META_STEPS = flags.DEFINE_integer("meta_steps", 150, "Meta-steps per training run.")
-    _STEPS_PER_EPOCH = flags.DEFINE_integer("steps_per_epoch", 50, "Meta-steps per epoch.")
-    _META_BATCH = flags.DEFINE_integer("meta_batch_size", 8, "Tasks per meta-step.", lower_bound=1)
-    _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps of the runs.")
-    _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size of the runs.")
-    _TEST_TASKS = flags.DEFINE_integer("test_tasks", 200, "Test tasks per run.", lower_bound=2)
-    _GUARD_LR = flags.DEFINE_float("guard_learning_rate", 5.0, "Inner lr of the diverging run.")
-    _GUARD_STEPS = flags.DEFINE_integer("guard_steps", 10, "Meta-steps of the diverging run.")
-    _PRETRAINED = flags.DEFINE_string(
-        "pretrained", str(PRETRAINED), "Map at this model ('' = init)."
-    )
-    _TRAIN_FROM = flags.DEFINE_enum(
-        "train_from", "init", ["init", "pretrained"], "Start of the training runs."
-    )
-    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
-    _FILTERS = flags.DEFINE_integer("filters", 64, "Conv filters.", lower_bound=1)
-    _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, episodes and Lanczos.")
-    _TINY = flags.DEFINE_bool("tiny", False, "A smoke run (overrides the sizes).")
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
-    output_dir: str = "runs/study_failures"
-    cases: tuple[Case, ...] = CASES
-    num_tasks: int = 32
-    task_batch: int = 8
-    cg_steps: int = 5
-    lanczos_iterations: int = 20
-    delta: float = 0.1
-    runs: tuple[str, ...] = tuple(RUNS)
-    meta_steps: int = 150
-    steps_per_epoch: int = 50
-    meta_batch_size: int = 8
-    inner_steps: int = 16
-    inner_learning_rate: float = 0.1
-    test_tasks: int = 200
-    guard_learning_rate: float = 5.0
-    guard_steps: int = 10
-    pretrained: str = str(PRETRAINED)
-    train_from: str = "init"
-    image_size: int = 28
-    filters: int = 64
-    seed: int = 0
-    verbose: bool = True
+    output_dir: str = option("runs/study_failures", "Where results go.")
+    cases: tuple[Case, ...] = option(CASES, "Failure-map cases.", flag=False)
+    num_tasks: int = option(32, "Tasks per failure-map case.", lower_bound=1)
+    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1)
+    cg_steps: int = option(5, "CG iterations.", lower_bound=1)
+    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2)
+    delta: float = option(0.1, "Relative stationarity threshold.")
+    runs: tuple[str, ...] = option(tuple(RUNS), "Training runs compared.")
+    meta_steps: int = option(150, "Meta-steps per training run.")
+    steps_per_epoch: int = option(50, "Meta-steps per epoch.")
+    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1)
+    inner_steps: int = option(16, "Inner steps of the runs.")
+    inner_learning_rate: float = option(0.1, "Inner step size of the runs.")
+    test_tasks: int = option(200, "Test tasks per run.", lower_bound=2)
+    guard_learning_rate: float = option(5.0, "Inner lr of the diverging run.")
+    guard_steps: int = option(10, "Meta-steps of the diverging run.")
+    pretrained: str = option(str(PRETRAINED), "Map at this model ('' = init).")
+    train_from: str = option("init", "Start of the training runs.", choices=("init", "pretrained"))
+    image_size: int = option(28, "Image side.", lower_bound=8)
+    filters: int = option(64, "Conv filters.", lower_bound=1)
+    seed: int = option(0, "Seed for weights, episodes and Lanczos.")
+    verbose: bool = option(True, "Print progress.", flag=False)
 
     def validate(self) -> None:
         unknown = sorted(set(self.runs) - set(RUNS))
@@ -196,30 +162,14 @@ TINY = dict(
 )
 
 
-def _log(config: Config, message: str) -> None:
-    if config.verbose:
-        print(message, flush=True)
-
-
 def _learner(config: Config) -> keras.Model:
-    keras.utils.set_random_seed(config.seed)
-    return tf_imaml.models.conv4_classifier(
-        5, input_shape=(config.image_size, config.image_size, 1), filters=config.filters
+    return fewshot.learner(
+        ways=5, image_size=config.image_size, filters=config.filters, seed=config.seed
     )
 
 
 def _episodes(config: Config, data, *, seed: int, batch: int, num_tasks: int | None):
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
-        ways=5,
-        shots=1,
-        queries=15,
-        meta_batch_size=batch,
-        seed=seed,
-        rotations=(0, 90, 180, 270),
-        num_batches=None if num_tasks is None else -(-num_tasks // batch),
-    )
+    return fewshot.episodes(data, ways=5, queries=15, batch=batch, seed=seed, num_tasks=num_tasks)
 
 
 # ------------------------------------------------------------------------ part 1: the map
@@ -310,7 +260,7 @@ def failure_map(config: Config, theta: list[np.ndarray], data) -> list[dict]:
             )
             for (sx, sy, qx), qy in tasks
         ]
-        v = {k: np.concatenate([p[k].numpy() for p in parts])[: config.num_tasks] for k in parts[0]}
+        v = fewshot.concat_tasks(parts, config.num_tasks)
         rel = v["rel_grad_norm"]
         row = {
             **case._asdict(),
@@ -329,8 +279,8 @@ def failure_map(config: Config, theta: list[np.ndarray], data) -> list[dict]:
             "per_task": {k: a.tolist() for k, a in v.items()},
         }
         rows.append(row)
-        _log(
-            config,
+        harness.log(
+            config.verbose,
             f"  {case.name}: diverged {row['diverged']:.2f}, solve failed "
             f"{row['solve_failed']:.2f}, indefinite {row['indefinite']:.2f} "
             f"({time.time() - start:.0f} s)",
@@ -351,12 +301,7 @@ def _meta_model(config: Config, learner, algorithm: str, options: dict, *, inner
         meta = tf_imaml.ImplicitMAML(learner, cg_steps=config.cg_steps, **options)
     else:
         meta = tf_imaml.MAML(learner, first_order=True, **options)
-    meta.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["sparse_categorical_accuracy"],
-    )
-    return meta
+    return fewshot.compile_meta(meta)
 
 
 def train_runs(config: Config, init: list[np.ndarray], data: dict) -> list[dict]:
@@ -404,8 +349,8 @@ def train_runs(config: Config, init: list[np.ndarray], data: dict) -> list[dict]
             "train_seconds": round(seconds, 1),
         }
         rows.append(row)
-        _log(
-            config,
+        harness.log(
+            config.verbose,
             f"  {name}: test {100 * accuracy.mean:.2f} +- {100 * accuracy.ci95:.2f}%, failed "
             f"{row['failed_fraction']:.2f}, {seconds:.0f} s",
         )
@@ -476,9 +421,10 @@ RUN_COLUMNS = (
 )
 
 
-def plot(config: Config, map_rows, run_rows, out: pathlib.Path) -> list[str]:
+def plot(config: Config, map_rows, run_rows) -> dict:
+    """The failure map and, once runs are done, their accuracy and failed fractions."""
     plt = reporting.pyplot()
-    files = []
+    figures = {}
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(map_rows) + 1.2))
     y = np.arange(len(map_rows))
     for i, (key, label) in enumerate(
@@ -494,9 +440,7 @@ def plot(config: Config, map_rows, run_rows, out: pathlib.Path) -> list[str]:
     ax.set_xlabel(f"fraction of {config.num_tasks} tasks", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title("Failure map (fixed theta)", fontsize=9)
-    path = out / "study_failures_map.png"
-    reporting.save_figure(fig, path, dpi=80)
-    files.append(path.name)
+    figures["study_failures_map.png"] = fig
     if run_rows:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
         names = [r["run"] for r in run_rows]
@@ -513,18 +457,13 @@ def plot(config: Config, map_rows, run_rows, out: pathlib.Path) -> list[str]:
         ax2.set_ylabel("failed_fraction (epoch mean)", fontsize=8)
         ax2.tick_params(labelsize=7)
         ax2.legend(fontsize=6)
-        path = out / "study_failures_training.png"
-        reporting.save_figure(fig, path, dpi=80)
-        files.append(path.name)
-    return files
+        figures["study_failures_training.png"] = fig
+    return figures
 
 
 def run(config: Config) -> dict:
     """Runs the study; writes the Markdown tables, JSON and plots; returns the summary."""
-    config.validate()
-    out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tf.config.experimental.enable_op_determinism()
+    out = harness.output_folder(config, deterministic=True)
     start = time.time()
     data = {
         s: tf_imaml.datasets.load_omniglot(s, image_size=config.image_size)
@@ -538,27 +477,28 @@ def run(config: Config) -> dict:
         theta_name = "the shipped model"
     else:
         theta, theta_name = init, "the random initialisation"
-    _log(config, f"failure map at {theta_name} ...")
+    harness.log(config.verbose, f"failure map at {theta_name} ...")
     map_rows = failure_map(config, theta, data["train"])
     start_weights = shipped if config.train_from == "pretrained" else init
     start_name = theta_name if config.train_from == "pretrained" else "the random initialisation"
-    _log(config, "diverging run under DivergenceGuard ...")
+    harness.log(config.verbose, "diverging run under DivergenceGuard ...")
     guard = guard_demo(config, start_weights, data["train"])
     run_rows = []
     # The report is written now and after every run, so that a run cut short keeps the rest.
     summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
-    _log(config, f"training runs from {start_name} ...")
+    harness.log(config.verbose, f"training runs from {start_name} ...")
     for name in config.runs:
         run_rows += train_runs(dataclasses.replace(config, runs=(name,)), start_weights, data)
         summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
-    _log(config, f"done in {summary['seconds']:.0f} s; results in {out}")
+    harness.log(config.verbose, f"done in {summary['seconds']:.0f} s; results in {out}")
     return summary
 
 
 def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start):
     """Writes the Markdown tables, JSON and plots of what is done so far; returns the JSON."""
     seconds = time.time() - start
-    plots = plot(config, map_rows, run_rows, out)
+    figures = plot(config, map_rows, run_rows)
+    plots = list(figures)
     map_table = reporting.markdown_table(
         [t for _, t in MAP_COLUMNS], [[r[k] for k, _ in MAP_COLUMNS] for r in map_rows]
     )
@@ -582,7 +522,7 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         + (f'stopped: "{guard["message"]}"' if guard["stopped"] else "did not stop the run")
         + f"; per epoch {guard['epochs']}; weights finite afterwards: {guard['weights_finite']}."
     )
-    (out / "study_failures.md").write_text(
+    markdown = (
         "## Study 5: where iMAML breaks\n\n"
         f"### Failure map\n\nOmniglot 5-way 1-shot training tasks ({config.num_tasks}, the "
         f"same for every case) at {theta_name}, conv net with {config.filters} filters on "
@@ -609,7 +549,7 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
     )
     summary = {
         "config": {**dataclasses.asdict(config), "cases": [c._asdict() for c in config.cases]},
-        "command": "python scripts/study_failures.py " + " ".join(sys.argv[1:]),
+        "command": harness.command("failures"),
         "theta": theta_name,
         "train_from": start_name,
         "failure_map": map_rows,
@@ -618,45 +558,9 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         "plots": plots,
         "seconds": round(seconds, 1),
     }
-    reporting.write_json(out / "study_failures.json", summary)
+    reporting.write(out, "study_failures", markdown=markdown, data=summary, figures=figures, dpi=80)
     return summary
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    values = dict(
-        output_dir=_OUTPUT_DIR.value,
-        num_tasks=_NUM_TASKS.value,
-        task_batch=_TASK_BATCH.value,
-        cg_steps=_CG_STEPS.value,
-        lanczos_iterations=_LANCZOS.value,
-        delta=_DELTA.value,
-        runs=tuple(_RUNS.value),
-        meta_steps=_META_STEPS.value,
-        steps_per_epoch=_STEPS_PER_EPOCH.value,
-        meta_batch_size=_META_BATCH.value,
-        inner_steps=_INNER_STEPS.value,
-        inner_learning_rate=_INNER_LR.value,
-        test_tasks=_TEST_TASKS.value,
-        guard_learning_rate=_GUARD_LR.value,
-        guard_steps=_GUARD_STEPS.value,
-        pretrained=_PRETRAINED.value,
-        train_from=_TRAIN_FROM.value,
-        image_size=_IMAGE_SIZE.value,
-        filters=_FILTERS.value,
-        seed=_SEED.value,
-    )
-    if _TINY.value:
-        values.update(TINY)
-    config = Config(**values)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    harness.main(Config, run, tiny=TINY)

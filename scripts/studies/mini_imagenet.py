@@ -9,7 +9,7 @@ failed implicit-gradient solves per epoch) and writes `mini_imagenet.md`,
 `mini_imagenet.json` and `mini_imagenet.png` (validation accuracy against meta-steps, and the
 failed fraction) into `--output_dir`, beside the published figures.
 
-    python scripts/study_mini_imagenet.py --output_dir=docs/studies/mini_imagenet
+    python scripts/studies/mini_imagenet.py --output_dir=docs/studies/mini_imagenet
 
 Runs already finished under `--runs_dir` (a `results.json` from the same configuration) are
 read instead of trained again, so a long study can be run one algorithm at a time; an
@@ -26,9 +26,11 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+import harness
+import reporting
 
+TRAIN_SCRIPT = harness.ROOT / "scripts" / "train.py"
+option = harness.option
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml")
 LABELS = {
     "imaml": "iMAML-GD",
@@ -43,60 +45,33 @@ PUBLISHED_1SHOT = {
     "imaml_hf": "49.30 +- 1.88",
 }
 
-_OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", "runs/study_mini_imagenet", "Where the table, JSON and plot go."
-)
-_RUNS_DIR = flags.DEFINE_string(
-    "runs_dir", None, "Where each algorithm's training run goes (default: <output_dir>/runs)."
-)
-_ALGORITHMS = flags.DEFINE_list("algorithms", ["imaml", "maml", "fomaml"], "Algorithms to run.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "mini-ImageNet folder (default: $TF_IMAML_MINI_IMAGENET or ../shared)."
-)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 84, "Image side after resizing.", lower_bound=8)
-_WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
-_SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
-_QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
-_META_BATCH = flags.DEFINE_integer("meta_batch_size", 4, "Tasks per meta-step.", lower_bound=1)
-_META_STEPS = flags.DEFINE_integer("meta_steps", 100, "Meta-steps per algorithm.", lower_bound=1)
-_STEPS_PER_EPOCH = flags.DEFINE_integer(
-    "steps_per_epoch", 25, "Meta-steps between validations.", lower_bound=1
-)
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 5, "Inner steps (train and test).")
-_INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.01, "Inner step size.")
-_LAM = flags.DEFINE_float("lam", 0.5, "iMAML proximal strength.")
-_CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "iMAML CG steps.", lower_bound=1)
-_ON_FAILURE = flags.DEFINE_enum(
-    "on_failure", "first_order", ["drop", "first_order", "zero"], "iMAML failed-solve policy."
-)
-_OUTER_LR = flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.")
-_VAL_TASKS = flags.DEFINE_integer("val_tasks", 40, "Validation tasks per epoch.", lower_bound=1)
-_TEST_TASKS = flags.DEFINE_integer("test_tasks", 600, "Test tasks.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and episodes (shared by all runs).")
-
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    output_dir: str = "runs/study_mini_imagenet"
-    runs_dir: str | None = None
-    algorithms: tuple[str, ...] = ("imaml", "maml", "fomaml")
-    data_dir: str | None = None
-    image_size: int = 84
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    meta_batch_size: int = 4
-    meta_steps: int = 100
-    steps_per_epoch: int = 25
-    inner_steps: int = 5
-    inner_learning_rate: float = 0.01
-    lam: float = 0.5
-    cg_steps: int = 5
-    on_failure: str = "first_order"
-    outer_learning_rate: float = 1e-3
-    val_tasks: int = 40
-    test_tasks: int = 600
-    seed: int = 0
+class Config:
+    output_dir: str = option("runs/study_mini_imagenet", "Where the table, JSON and plot go.")
+    runs_dir: str | None = option(
+        None, "Where each algorithm's training run goes (default: <output_dir>/runs)."
+    )
+    algorithms: tuple[str, ...] = option(("imaml", "maml", "fomaml"), "Algorithms to run.")
+    data_dir: str | None = option(None, "mini-ImageNet folder (default: $TF_IMAML_MINI_IMAGENET).")
+    image_size: int = option(84, "Image side after resizing.", lower_bound=8)
+    ways: int = option(5, "Classes per task.", lower_bound=2)
+    shots: int = option(1, "Support examples per class.", lower_bound=1)
+    queries: int = option(15, "Query examples per class.", lower_bound=1)
+    meta_batch_size: int = option(4, "Tasks per meta-step.", lower_bound=1)
+    meta_steps: int = option(100, "Meta-steps per algorithm.", lower_bound=1)
+    steps_per_epoch: int = option(25, "Meta-steps between validations.", lower_bound=1)
+    inner_steps: int = option(5, "Inner steps (train and test).")
+    inner_learning_rate: float = option(0.01, "Inner step size.")
+    lam: float = option(0.5, "iMAML proximal strength.")
+    cg_steps: int = option(5, "iMAML CG steps.", lower_bound=1)
+    on_failure: str = option(
+        "first_order", "iMAML failed-solve policy.", choices=("drop", "first_order", "zero")
+    )
+    outer_learning_rate: float = option(1e-3, "Adam step size.")
+    val_tasks: int = option(40, "Validation tasks per epoch.", lower_bound=1)
+    test_tasks: int = option(600, "Test tasks.", lower_bound=1)
+    seed: int = option(0, "Seed of weights and episodes (shared by all runs).")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -118,7 +93,7 @@ class StudyConfig:
         return pathlib.Path(self.runs_dir or pathlib.Path(self.output_dir) / "runs")
 
 
-def train_flags(config: StudyConfig, algorithm: str, logdir: pathlib.Path) -> list[str]:
+def train_flags(config: Config, algorithm: str, logdir: pathlib.Path) -> list[str]:
     """The `scripts/train.py` command-line flags of one algorithm's run."""
     args = [
         "--dataset=mini_imagenet",
@@ -164,7 +139,7 @@ def _epoch_scalars(folder: pathlib.Path, tag: str) -> list[float]:
     return [float(tf.make_ndarray(e.tensor_proto)) for e in events]
 
 
-def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dict:
+def run_one(config: Config, algorithm: str, *, verbose: bool = True) -> dict:
     """Trains and tests one algorithm (or reads its finished run); returns its record."""
     logdir = config.runs_path() / algorithm
     args = train_flags(config, algorithm, logdir)
@@ -182,10 +157,10 @@ def run_one(config: StudyConfig, algorithm: str, *, verbose: bool = True) -> dic
         logdir.mkdir(parents=True, exist_ok=True)
         flags_file.write_text(json.dumps(args))
         if verbose:
-            print(f"[study_mini_imagenet] training {algorithm}: scripts/train.py {' '.join(args)}")
+            print(f"[mini_imagenet study] training {algorithm}: scripts/train.py {' '.join(args)}")
         start = time.time()
         proc = subprocess.run(
-            [sys.executable, str(pathlib.Path(__file__).with_name("train.py")), *args],
+            [sys.executable, str(TRAIN_SCRIPT), *args],
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
             stdout=None if verbose else subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -247,10 +222,8 @@ def _curves(logdir: pathlib.Path) -> dict:
     }
 
 
-def write_report(config: StudyConfig, records: list[dict]) -> str:
+def write_report(config: Config, records: list[dict]) -> str:
     """The Markdown table (with the published figures); returns it."""
-    from tf_imaml import reporting  # Here, not at the top: it imports TensorFlow (seconds).
-
     out = pathlib.Path(config.output_dir)
     rows = []
     for r in records:
@@ -294,18 +267,13 @@ def write_report(config: StudyConfig, records: list[dict]) -> str:
             "",
         ]
     )
-    (out / "mini_imagenet.md").write_text(text)
-    reporting.write_json(
-        out / "mini_imagenet.json",
-        {"config": dataclasses.asdict(config), "records": records},
-    )
+    data = {"config": dataclasses.asdict(config), "records": records}
+    reporting.write(out, "mini_imagenet", markdown=text, data=data)
     return text
 
 
-def plot(config: StudyConfig, records: list[dict]) -> None:
+def plot(config: Config, records: list[dict]) -> None:
     """Validation accuracy and failed-solve fraction against meta-steps."""
-    from tf_imaml import reporting
-
     plt = reporting.pyplot()
     fig, (ax_acc, ax_fail) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in records:
@@ -340,10 +308,12 @@ def plot(config: StudyConfig, records: list[dict]) -> None:
         f"mini-ImageNet {config.ways}-way {config.shots}-shot, meta-batch "
         f"{config.meta_batch_size}, {config.inner_steps} inner steps"
     )
-    reporting.save_figure(fig, pathlib.Path(config.output_dir) / "mini_imagenet.png")
+    reporting.write(
+        pathlib.Path(config.output_dir), "mini_imagenet", figures={"mini_imagenet.png": fig}
+    )
 
 
-def run(config: StudyConfig, *, verbose: bool = True) -> list[dict]:
+def run(config: Config, *, verbose: bool = True) -> list[dict]:
     """Runs the study; writes the table, JSON and plot; returns one record per algorithm."""
     config.validate()
     pathlib.Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -359,37 +329,5 @@ def run(config: StudyConfig, *, verbose: bool = True) -> list[dict]:
     return records
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = StudyConfig(
-        output_dir=_OUTPUT_DIR.value,
-        runs_dir=_RUNS_DIR.value,
-        algorithms=tuple(_ALGORITHMS.value),
-        data_dir=_DATA_DIR.value,
-        image_size=_IMAGE_SIZE.value,
-        ways=_WAYS.value,
-        shots=_SHOTS.value,
-        queries=_QUERIES.value,
-        meta_batch_size=_META_BATCH.value,
-        meta_steps=_META_STEPS.value,
-        steps_per_epoch=_STEPS_PER_EPOCH.value,
-        inner_steps=_INNER_STEPS.value,
-        inner_learning_rate=_INNER_LR.value,
-        lam=_LAM.value,
-        cg_steps=_CG_STEPS.value,
-        on_failure=_ON_FAILURE.value,
-        outer_learning_rate=_OUTER_LR.value,
-        val_tasks=_VAL_TASKS.value,
-        test_tasks=_TEST_TASKS.value,
-        seed=_SEED.value,
-    )
-    try:
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    harness.main(Config, run)

@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/study_mini_imagenet.py on a tiny generated mini-ImageNet."""
+"""Smoke tests of scripts/studies/mini_imagenet.py on a tiny generated mini-ImageNet."""
 
 import json
 import os
@@ -11,13 +11,14 @@ import pytest
 # Slow: runs the study script in subprocesses (meta-training included).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STUDIES = ROOT / "scripts" / "studies"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _run(*args):
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "study_mini_imagenet.py"), *args],
+        [sys.executable, str(STUDIES / "mini_imagenet.py"), *args],
         capture_output=True,
         text=True,
         env=ENV,
@@ -76,7 +77,7 @@ def test_bad_flags_fail_before_any_work(tmp_path):
 _RESUMABLE_PROBE = """
 import json, pathlib, sys
 sys.path.insert(0, sys.argv[1])
-import study_mini_imagenet as study
+import mini_imagenet as study
 run, args = pathlib.Path(sys.argv[2]), ["--meta_steps=4", "--lam=0.5"]
 seen = [study._interrupted_run_of(run, args)]
 (run / "backup").mkdir(parents=True)
@@ -93,7 +94,7 @@ print(json.dumps(seen))
 
 def test_only_an_unfinished_checkpointed_run_of_the_same_flags_is_resumed(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", _RESUMABLE_PROBE, str(ROOT / "scripts"), str(tmp_path / "run")],
+        [sys.executable, "-c", _RESUMABLE_PROBE, str(STUDIES), str(tmp_path / "run")],
         capture_output=True,
         text=True,
         env=ENV,

@@ -1,36 +1,23 @@
-"""scripts/study_gradient_accuracy.py at a tiny size: the ridge part against its closed form."""
+"""scripts/studies/gradient_accuracy.py at a tiny size: the ridge part against its closed form."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_imaml import hvp
+from tf_imaml import reference
+from tf_imaml import tree
+
 # Slow: runs the study at a tiny size.
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_gradient_accuracy", ROOT / "scripts" / "study_gradient_accuracy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there.
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_script()
 
 # d = 6 parameters, 4 support points: GD contracts the slowest direction (a null direction
 # of the support Hessian) by 1 - 0.1 * lam = 0.9 per step, so after 300 steps the inner
 # error is ~0.9^300 ~ 2e-14 of the initial one, and CG is exact after d = 6 steps.
-CONFIG = study.StudyConfig(
+RIDGE = dict(
     inner_steps=(1, 5, 300),
     cg_steps=(1, 3, 20),
     ridge_tasks=8,
@@ -44,9 +31,9 @@ CONFIG = study.StudyConfig(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("gradient_accuracy")
-    return study.run(study.StudyConfig(**{**CONFIG.__dict__, "output_dir": str(out)})), out
+    return study.run(study.Config(**RIDGE, output_dir=str(out))), out
 
 
 def _mean(values):
@@ -92,7 +79,7 @@ def test_float32_runs_carry_float32_rounding(results):
         assert all(1e-10 < d < 1e-4 for d in diffs), (method, diffs)
 
 
-def test_writes_markdown_json_and_plot(results):
+def test_writes_markdown_json_and_plot(results, assert_png):
     data, out = results
     table = (out / "gradient_accuracy.md").read_text()
     assert "### Ridge regression (closed form)" in table
@@ -101,11 +88,11 @@ def test_writes_markdown_json_and_plot(results):
     saved = json.loads((out / "gradient_accuracy.json").read_text())
     assert saved["config"]["inner_steps"] == [1, 5, 300]
     assert len(saved["problems"]["ridge"]["result"]["float32"]["maml"]) == 3
-    assert (out / "gradient_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(out / "gradient_accuracy.png")
 
 
-def test_conv_problems_compute_in_their_own_dtype():
-    config = study.StudyConfig(
+def test_conv_problems_compute_in_their_own_dtype(study):
+    config = study.Config(
         conv_tasks=2, queries=1, image_size=14, filters=4, weights=("random",), activation="tanh"
     )
     rng = np.random.default_rng(0)
@@ -124,10 +111,9 @@ def test_conv_problems_compute_in_their_own_dtype():
     assert np.any(losses["float32"].astype(np.float64) != losses["float64"])
 
 
-def test_lbfgs_reference_reaches_the_closed_form_target():
-    config = study.StudyConfig(
-        **CONFIG.__dict__
-        | {"inner_steps": (1, 5), "reference_solver": "lbfgs", "reference_inner_steps": 100}
+def test_lbfgs_reference_reaches_the_closed_form_target(study):
+    config = study.Config(
+        **RIDGE | {"inner_steps": (1, 5), "reference_solver": "lbfgs", "reference_inner_steps": 100}
     )
     by_dtype, target = study.ridge_problems(config)
     problem = by_dtype["float64"]
@@ -141,32 +127,40 @@ def test_lbfgs_reference_reaches_the_closed_form_target():
     assert "inner steps (GD, or L-BFGS iterations)" in study.trajectory_table(ref["trajectory"])
 
 
-def test_lbfgs_keeps_the_conv_net_parameter_shapes_and_lowers_the_gradient():
-    config = study.StudyConfig(
+def test_lbfgs_keeps_the_conv_net_parameter_shapes_and_lowers_the_gradient(study):
+    config = study.Config(
         conv_tasks=2, queries=1, image_size=14, filters=4, weights=("random",), activation="tanh"
     )
     rng = np.random.default_rng(1)
     images = tf.constant(rng.uniform(size=(2, 5, 14, 14, 1)), tf.float32)
     labels = tf.constant([[0, 1, 2, 3, 4]] * 2, tf.int32)
     problem = study.conv_problems(config, (images, labels, images, labels), "random")["float64"]
-    phi, grad_norm, iterations = study.lbfgs_proximal_minimum(problem, lam=2.0, max_iterations=15)
+    result = reference.lbfgs_proximal_minimum(
+        lambda p: problem.loss_fn(p, *problem.support),
+        problem.meta_params,
+        lam=2.0,
+        max_iterations=15,
+    )
+    phi, grad_norm, iterations = (
+        result.adapted_params,
+        result.grad_norm.numpy(),
+        int(result.num_iterations),
+    )
     assert [p.shape for p in phi] == [p.shape for p in problem.meta_params]
     assert 0 < iterations <= 15
     # At theta, grad G = grad L_support; fifteen iterations cut it by far more than 10x.
-    start = study.tree.norm(
-        study.hvp_lib.value_and_grad(
-            lambda p: problem.loss_fn(p, *problem.support), problem.meta_params
-        )[1]
+    start = tree.norm(
+        hvp.value_and_grad(lambda p: problem.loss_fn(p, *problem.support), problem.meta_params)[1]
     ).numpy()
     assert np.all(grad_norm < start / 10), (grad_norm, start)
 
 
-def test_bad_config_is_refused():
+def test_bad_config_is_refused(study):
     with pytest.raises(ValueError, match="reference_solver"):
-        study.StudyConfig(reference_solver="newton").validate()
+        study.Config(reference_solver="newton").validate()
     with pytest.raises(ValueError, match="activation"):
-        study.StudyConfig(activation="no_such_activation").validate()
+        study.Config(activation="no_such_activation").validate()
     with pytest.raises(ValueError, match="inner_steps"):
-        study.StudyConfig(inner_steps=(5, 1)).validate()
+        study.Config(inner_steps=(5, 1)).validate()
     with pytest.raises(ValueError, match="pretrained needs"):
-        study.StudyConfig(weights=("pretrained",), filters=8).validate()
+        study.Config(weights=("pretrained",), filters=8).validate()

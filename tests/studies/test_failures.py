@@ -1,45 +1,25 @@
-"""scripts/study_failures.py at a tiny size: files, table rows and the failures it must see."""
+"""scripts/studies/failures.py at a tiny size: files, table rows and the failures it must see."""
 
-import dataclasses
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 # Slow: runs the study at a tiny size (meta-training included).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_failures", ROOT / "scripts" / "study_failures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_study_detects_divergence_and_writes_its_report(tmp_path, small_omniglot, monkeypatch):
-    study = _load_script()
-    # Real Omniglot characters, 24 of them: the tasks are drawn from fewer classes, the
-    # failures are the same (loading and resizing all 1623 costs seconds).
-    monkeypatch.setattr(study.tf_imaml.datasets, "OMNIGLOT_PATH", small_omniglot)
+def test_tiny_study_detects_divergence_and_writes_its_report(
+    study, tiny, tmp_path, omniglot_subset, assert_png
+):
     # One training run (the guard's run trains iMAML too): each new model costs a trace.
-    config = dataclasses.replace(
-        study.Config(**study.TINY), output_dir=str(tmp_path), runs=("fomaml",), verbose=False
-    )
+    config = tiny(runs=("fomaml",), verbose=False)
     summary = study.run(config)
     md = (tmp_path / "study_failures.md").read_text()
     assert "| paper setting | 2 | 0.1 | 3 | 0 |" in md
     assert "| lr far too large (50) | 2 | 50 | 3 | 0 |" in md
     assert "| fomaml | " in md and "### DivergenceGuard" in md
     for name in summary["plots"]:
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_png(tmp_path / name)
     saved = json.loads((tmp_path / "study_failures.json").read_text())
     paper, too_large = saved["failure_map"]
     # lr = 0.1 with lam = 2 on this small net: gradient descent on G contracts.

@@ -1,14 +1,17 @@
-"""Tests for tf_imaml.reporting (tables, confidence intervals, JSON, figures)."""
+"""scripts/studies/reporting.py: tables, confidence intervals, JSON, figures, the writer."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tf_imaml import reporting
+
+@pytest.fixture(scope="module")
+def reporting(study):
+    return study
 
 
-def test_markdown_table_formats_cells_and_checks_row_length():
+def test_markdown_table_formats_cells_and_checks_row_length(reporting):
     table = reporting.markdown_table(["a", "b", "c"], [[1, 0.123456, None], ["x", 1e-7, 2e6]])
     assert table.splitlines() == [
         "| a | b | c |",
@@ -20,7 +23,7 @@ def test_markdown_table_formats_cells_and_checks_row_length():
         reporting.markdown_table(["a", "b", "c"], [[1, 2]])
 
 
-def test_mean_ci95_matches_the_normal_formula():
+def test_mean_ci95_matches_the_normal_formula(reporting):
     # Oracle: the textbook formula 1.96 * sample std / sqrt(n), computed by hand.
     values = [0.0, 1.0, 1.0, 0.0]
     mean, ci = reporting.mean_ci95(values)
@@ -31,15 +34,28 @@ def test_mean_ci95_matches_the_normal_formula():
         reporting.mean_ci95([])
 
 
-def test_write_json_converts_numpy(tmp_path):
+def test_write_json_converts_numpy(reporting, tmp_path):
     path = tmp_path / "r.json"
     reporting.write_json(path, {"a": np.float32(0.5), "b": np.arange(3), "c": np.int64(2)})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": 2}
 
 
-def test_save_figure_writes_a_png(tmp_path):
+def test_save_figure_writes_a_png(reporting, tmp_path, assert_png):
     plt = reporting.pyplot()
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     reporting.save_figure(fig, tmp_path / "f.png")
-    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(tmp_path / "f.png")
+
+
+def test_write_puts_markdown_json_and_figures_in_the_folder(reporting, tmp_path, assert_png):
+    fig, ax = reporting.pyplot().subplots()
+    ax.plot([0, 1], [1, 0])
+    reporting.write(
+        tmp_path, "study", markdown="# x\n", data={"a": np.arange(2)}, figures={"s.png": fig}
+    )
+    assert (tmp_path / "study.md").read_text() == "# x\n"
+    assert json.loads((tmp_path / "study.json").read_text()) == {"a": [0, 1]}
+    assert_png(tmp_path / "s.png")
+    reporting.write(tmp_path / "", "other", data={"b": 1})
+    assert not (tmp_path / "other.md").exists() and (tmp_path / "other.json").exists()

@@ -12,58 +12,67 @@ Writes `<output_dir>/inner_steps.md` (the tables), `inner_steps.json` (every num
 per-task accuracies included) and `inner_steps.png` (accuracy against `K_test`).
 
 Usage:
-  python scripts/study_inner_steps.py --output_dir=runs/study_inner_steps
-  python scripts/study_inner_steps.py --tiny --output_dir=/tmp/inner_steps   # smoke run
+  python scripts/studies/inner_steps.py --output_dir=runs/study_inner_steps
+  python scripts/studies/inner_steps.py --tiny --output_dir=/tmp/inner_steps   # smoke run
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+from absl import app
+from absl import flags
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+import tf_imaml
 
-import tf_imaml  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
+PRETRAINED = harness.PRETRAINED
 NAME = "inner_steps"
+FAILURE_POLICIES = ("drop", "first_order", "zero")
+option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    output_dir: str = "runs/study_inner_steps"
-    imaml_train_steps: tuple[int, ...] = (1, 5, 16)
-    maml_train_steps: tuple[int, ...] = (1, 5)
-    fomaml_train_steps: tuple[int, ...] = ()
-    test_steps: tuple[int, ...] = (0, 1, 2, 5, 10, 16, 25, 50)
-    meta_steps: int = 150
-    meta_batch_size: int = 8
-    test_tasks: int = 200
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    image_size: int = 28
-    filters: int = 64
-    lam: float = 2.0
-    imaml_inner_learning_rate: float = 0.1
-    maml_inner_learning_rate: float = 0.4
-    cg_steps: int = 5
-    outer_learning_rate: float = 1e-3
-    on_failure: str = "first_order"
-    pretrained: str = str(PRETRAINED)
-    seed: int = 0
-    log_every: int = 25
+class Config:
+    output_dir: str = option("runs/study_inner_steps", "Where results go.")
+    imaml_train_steps: tuple[int, ...] = option((1, 5, 16), "iMAML-GD K_train values.")
+    maml_train_steps: tuple[int, ...] = option((1, 5), "Second-order MAML K_train values.")
+    fomaml_train_steps: tuple[int, ...] = option((), "First-order MAML K_train values.")
+    test_steps: tuple[int, ...] = option((0, 1, 2, 5, 10, 16, 25, 50), "K_test values.")
+    meta_steps: int = option(150, "Meta-steps per model.", lower_bound=1)
+    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1)
+    test_tasks: int = option(200, "Test tasks.", lower_bound=2)
+    ways: int = option(5, "Classes per task.", lower_bound=2)
+    shots: int = option(1, "Support examples per class.", lower_bound=1)
+    queries: int = option(15, "Query examples per class.", lower_bound=1)
+    image_size: int = option(28, "Image side.", lower_bound=8)
+    filters: int = option(64, "Channels of the conv net.", lower_bound=1)
+    lam: float = option(2.0, "iMAML proximal strength lambda.")
+    imaml_inner_learning_rate: float = option(0.1, "iMAML inner GD step size.")
+    maml_inner_learning_rate: float = option(
+        0.4, "MAML inner step size (0.4: Finn et al. on Omniglot)."
+    )
+    cg_steps: int = option(5, "iMAML CG steps.", lower_bound=1)
+    outer_learning_rate: float = option(1e-3, "Adam step size.")
+    on_failure: str = option(
+        "first_order",
+        "What an iMAML task whose linear solve failed contributes (see tf_imaml.MetaLearner); "
+        "at a random init with lam = 2 nearly every task meets negative curvature, and 'drop' "
+        "then skips most meta-steps.",
+        choices=FAILURE_POLICIES,
+    )
+    pretrained: str = option(
+        str(PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
+    )
+    seed: int = option(0, "Seed of the initial weights and training episodes.")
+    log_every: int = option(25, "Print progress every this many steps.")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -86,21 +95,18 @@ class StudyConfig:
             raise ValueError(f"--pretrained {self.pretrained} is not a file")
 
 
-def tiny_config(output_dir: str) -> StudyConfig:
-    """The smoke-run configuration (also what `--tiny` uses)."""
-    return StudyConfig(
-        output_dir=output_dir,
-        imaml_train_steps=(1,),
-        maml_train_steps=(1,),
-        test_steps=(0, 3),
-        meta_steps=2,
-        meta_batch_size=2,
-        test_tasks=4,
-        queries=3,
-        image_size=14,
-        filters=8,
-        log_every=1,
-    )
+TINY = dict(
+    imaml_train_steps=(1,),
+    maml_train_steps=(1,),
+    test_steps=(0, 3),
+    meta_steps=2,
+    meta_batch_size=2,
+    test_tasks=4,
+    queries=3,
+    image_size=14,
+    filters=8,
+    log_every=1,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +145,19 @@ class _Progress(keras.callbacks.Callback):
         )
 
 
-def _episodes(config: StudyConfig, data, *, seed: int, num_tasks: int | None, batch: int):
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
+def _episodes(config: Config, data, *, seed: int, num_tasks: int | None, batch: int):
+    return fewshot.episodes(
+        data,
         ways=config.ways,
         shots=config.shots,
         queries=config.queries,
-        meta_batch_size=batch,
+        batch=batch,
         seed=seed,
-        rotations=(0, 90, 180, 270),
-        num_batches=None if num_tasks is None else -(-num_tasks // batch),
+        num_tasks=num_tasks,
     )
 
 
-def _build(config: StudyConfig, spec: ModelSpec, learner: keras.Model):
+def _build(config: Config, spec: ModelSpec, learner: keras.Model):
     if spec.algorithm == "imaml":
         meta = tf_imaml.ImplicitMAML(
             learner,
@@ -170,12 +174,7 @@ def _build(config: StudyConfig, spec: ModelSpec, learner: keras.Model):
             inner_learning_rate=config.maml_inner_learning_rate,
             first_order=spec.algorithm == "fomaml",
         )
-    meta.compile(
-        optimizer=keras.optimizers.Adam(config.outer_learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["sparse_categorical_accuracy"],
-    )
-    return meta
+    return fewshot.compile_meta(meta, learning_rate=config.outer_learning_rate)
 
 
 def unadapted_accuracy(learner: keras.Model, episodes) -> np.ndarray:
@@ -218,13 +217,10 @@ def sweep_test_steps(meta, episodes, test_steps, *, label: str) -> list[dict]:
     return rows
 
 
-def run(config: StudyConfig, *, verbose: bool = True) -> dict:
+def run(config: Config, *, verbose: bool = True) -> dict:
     """Trains every model, sweeps K_test, writes the md/json/png; returns the results."""
     del verbose  # Progress always goes to stdout; the tests capture it.
-    config.validate()
-    out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tf.config.experimental.enable_op_determinism()
+    out = harness.output_folder(config, deterministic=True)
     specs = (
         [ModelSpec("imaml", k) for k in config.imaml_train_steps]
         + [ModelSpec("maml", k) for k in config.maml_train_steps]
@@ -237,9 +233,8 @@ def run(config: StudyConfig, *, verbose: bool = True) -> dict:
     test_episodes = _episodes(
         config, test_data, seed=config.seed + 2, num_tasks=config.test_tasks, batch=eval_batch
     ).cache()
-    keras.utils.set_random_seed(config.seed)
-    base = tf_imaml.models.conv4_classifier(
-        config.ways, input_shape=(config.image_size,) * 2 + (1,), filters=config.filters
+    base = fewshot.learner(
+        ways=config.ways, image_size=config.image_size, filters=config.filters, seed=config.seed
     )
     init_weights = base.get_weights()
     models = []
@@ -313,11 +308,15 @@ def run(config: StudyConfig, *, verbose: bool = True) -> dict:
     return _write(config, out, models)
 
 
-def _write(config: StudyConfig, out: pathlib.Path, models: list[dict]) -> dict:
+def _write(config: Config, out: pathlib.Path, models: list[dict]) -> dict:
     results = {"config": dataclasses.asdict(config), "models": models}
-    reporting.write_json(out / f"{NAME}.json", results)
-    (out / f"{NAME}.md").write_text(_markdown(config, models))
-    _plot(config, models, out / f"{NAME}.png")
+    reporting.write(
+        out,
+        NAME,
+        markdown=_markdown(config, models),
+        data=results,
+        figures={f"{NAME}.png": _plot(config, models)},
+    )
     return results
 
 
@@ -361,7 +360,7 @@ def merge(paths: list[str], output_dir: str) -> dict:
                     f"{path} has {field}={r['config'][field]!r}, another run has {first[field]!r}"
                 )
     models = [m for r in runs for m in r["models"]]
-    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    fields = {f.name for f in dataclasses.fields(Config)}
     combined = {k: tuple(v) if isinstance(v, list) else v for k, v in first.items() if k in fields}
     for key in ("imaml_train_steps", "maml_train_steps", "fomaml_train_steps"):
         combined[key] = tuple(k for r in runs for k in r["config"][key])
@@ -369,7 +368,7 @@ def merge(paths: list[str], output_dir: str) -> dict:
         (r["config"]["pretrained"] for r in runs if r["config"]["pretrained"]), ""
     )
     combined["output_dir"] = output_dir
-    config = StudyConfig(**combined)
+    config = Config(**combined)
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = _write(config, out, models)
@@ -382,7 +381,7 @@ def _pct(row) -> str:
     return f"{100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f}"
 
 
-def _markdown(config: StudyConfig, models: list[dict]) -> str:
+def _markdown(config: Config, models: list[dict]) -> str:
     setting = (
         f"Omniglot {config.ways}-way {config.shots}-shot, {config.queries} queries per class, "
         f"{config.image_size}x{config.image_size} images, conv4 with {config.filters} filters. "
@@ -446,7 +445,7 @@ def _markdown(config: StudyConfig, models: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(config: StudyConfig, models: list[dict], path: pathlib.Path) -> None:
+def _plot(config: Config, models: list[dict]):
     plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for m in models:
@@ -471,95 +470,18 @@ def _plot(config: StudyConfig, models: list[dict], path: pathlib.Path) -> None:
     )
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    reporting.save_figure(fig, path)
-
-
-def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script: tests import this file)."""
-    flags.DEFINE_string("output_dir", "runs/study_inner_steps", "Where results go.")
-    flags.DEFINE_list("imaml_train_steps", ["1", "5", "16"], "iMAML-GD K_train values.")
-    flags.DEFINE_list("maml_train_steps", ["1", "5"], "Second-order MAML K_train values.")
-    flags.DEFINE_list("fomaml_train_steps", [], "First-order MAML K_train values.")
-    flags.DEFINE_list("test_steps", ["0", "1", "2", "5", "10", "16", "25", "50"], "K_test values.")
-    flags.DEFINE_integer("meta_steps", 150, "Meta-steps per model.", lower_bound=1)
-    flags.DEFINE_integer("meta_batch_size", 8, "Tasks per meta-step.", lower_bound=1)
-    flags.DEFINE_integer("test_tasks", 200, "Test tasks.", lower_bound=2)
-    flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
-    flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
-    flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
-    flags.DEFINE_integer("image_size", 28, "Image side.", lower_bound=8)
-    flags.DEFINE_integer("filters", 64, "Channels of the conv net.", lower_bound=1)
-    flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
-    flags.DEFINE_float("imaml_inner_learning_rate", 0.1, "iMAML inner GD step size.")
-    flags.DEFINE_float(
-        "maml_inner_learning_rate", 0.4, "MAML inner step size (0.4: Finn et al. on Omniglot)."
-    )
-    flags.DEFINE_integer("cg_steps", 5, "iMAML CG steps.", lower_bound=1)
-    flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.")
-    flags.DEFINE_enum(
-        "on_failure",
-        "first_order",
-        ["drop", "first_order", "zero"],
-        "What an iMAML task whose linear solve failed contributes (see tf_imaml.MetaLearner); "
-        "at a random init with lam = 2 nearly every task meets negative curvature, and 'drop' "
-        "then skips most meta-steps.",
-    )
-    flags.DEFINE_string(
-        "pretrained", str(PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
-    )
-    flags.DEFINE_integer("seed", 0, "Seed of the initial weights and training episodes.")
-    flags.DEFINE_integer("log_every", 25, "Print progress every this many steps.")
-    flags.DEFINE_list(
-        "merge",
-        [],
-        "Instead of running: combine the inner_steps.json of runs with the same test setting "
-        "(run in parallel, one model each) into one table and plot in --output_dir.",
-    )
-    flags.DEFINE_bool(
-        "tiny", False, "A smoke run: 14x14 images, 8 filters, 2 meta-steps, 4 test tasks."
-    )
+    return fig
 
 
 def main(argv):
-    FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-
-    def ints(values):
-        return tuple(int(v) for v in values)
-
-    if FLAGS.merge:
-        merge(FLAGS.merge, FLAGS.output_dir)
-        print(f"merged {len(FLAGS.merge)} runs into {FLAGS.output_dir}/{NAME}.md")
+    if flags.FLAGS.merge:
+        merge(flags.FLAGS.merge, flags.FLAGS.output_dir)
+        print(f"merged {len(flags.FLAGS.merge)} runs into {flags.FLAGS.output_dir}/{NAME}.md")
         return
-    if FLAGS.tiny:
-        config = tiny_config(FLAGS.output_dir)
-    else:
-        config = StudyConfig(
-            output_dir=FLAGS.output_dir,
-            imaml_train_steps=ints(FLAGS.imaml_train_steps),
-            maml_train_steps=ints(FLAGS.maml_train_steps),
-            fomaml_train_steps=ints(FLAGS.fomaml_train_steps),
-            test_steps=ints(FLAGS.test_steps),
-            meta_steps=FLAGS.meta_steps,
-            meta_batch_size=FLAGS.meta_batch_size,
-            test_tasks=FLAGS.test_tasks,
-            ways=FLAGS.ways,
-            shots=FLAGS.shots,
-            queries=FLAGS.queries,
-            image_size=FLAGS.image_size,
-            filters=FLAGS.filters,
-            lam=FLAGS.lam,
-            imaml_inner_learning_rate=FLAGS.imaml_inner_learning_rate,
-            maml_inner_learning_rate=FLAGS.maml_inner_learning_rate,
-            cg_steps=FLAGS.cg_steps,
-            outer_learning_rate=FLAGS.outer_learning_rate,
-            on_failure=FLAGS.on_failure,
-            pretrained=FLAGS.pretrained,
-            seed=FLAGS.seed,
-            log_every=FLAGS.log_every,
-        )
     try:
+        config = harness.config_from_flags(Config, tiny=TINY)
         config.validate()
     except ValueError as err:
         raise app.UsageError(str(err)) from None
@@ -569,5 +491,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
+    harness.define_flags(Config, tiny=TINY)
+    flags.DEFINE_list(
+        "merge",
+        [],
+        "Instead of running: combine the inner_steps.json of runs with the same test setting "
+        "(run in parallel, one model each) into one table and plot in --output_dir.",
+    )
     app.run(main)

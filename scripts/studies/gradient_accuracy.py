@@ -1,4 +1,4 @@
-"""Reviewer study (issue #7): how accurate is iMAML's implicit meta-gradient?
+"""Study 1: how accurate is iMAML's implicit meta-gradient?
 
 The exact meta-gradient of a task is `d/d theta L_query(phi*(theta))`, `phi*` the exact
 minimiser of the proximal objective `G(phi) = L_support(phi) + lam/2 ||phi - theta||^2`
@@ -18,8 +18,8 @@ Two problems:
   at the shipped meta-trained weights and at a random initialisation (ReLU, or a smooth
   activation by `--activation`). The reference is computed in float64: the inner problem by
   `--reference_inner_steps` gradient-descent steps or, with `--reference_solver=lbfgs`, as
-  many L-BFGS iterations (`tfp.optimizer.lbfgs_minimize`; the remaining proximal gradient
-  norm is reported), then conjugate gradient to a tiny residual (reported, with the tasks
+  many L-BFGS iterations (`tf_imaml.reference.lbfgs_proximal_minimum`; the remaining
+  proximal gradient norm is reported), then conjugate gradient to a tiny residual (reported, with the tasks
   where `I + H/lam` showed non-positive curvature). Only tasks whose inner problem was solved
   to a gradient norm below 1e-6 are compared.
 
@@ -29,73 +29,79 @@ float64 reference, so that truncation and rounding errors can be told apart. Wri
 `gradient_accuracy.png` into `--output_dir`.
 
 Usage:
-  python scripts/study_gradient_accuracy.py --output_dir=docs/studies/gradient_accuracy
-  python scripts/study_gradient_accuracy.py --tiny --output_dir=/tmp/gradient_accuracy
+  python scripts/studies/gradient_accuracy.py --output_dir=docs/studies/gradient_accuracy
+  python scripts/studies/gradient_accuracy.py --tiny --output_dir=/tmp/gradient_accuracy
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 import time
 from typing import NamedTuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_probability as tfp  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-
-import tf_imaml  # noqa: E402
-from tf_imaml import batched  # noqa: E402
-from tf_imaml import hvp as hvp_lib  # noqa: E402
-from tf_imaml import implicit  # noqa: E402
-from tf_imaml import inner_solvers  # noqa: E402
-from tf_imaml import linear_solve  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-from tf_imaml import testing  # noqa: E402
-from tf_imaml import tree  # noqa: E402
-from tf_imaml import unrolled  # noqa: E402
+import tf_imaml
+from tf_imaml import batched
+from tf_imaml import hvp as hvp_lib
+from tf_imaml import implicit
+from tf_imaml import inner_solvers
+from tf_imaml import linear_solve
+from tf_imaml import reference
+from tf_imaml import testing
+from tf_imaml import tree
+from tf_imaml import unrolled
 
 NAME = "gradient_accuracy"
-PRETRAINED = pathlib.Path(__file__).resolve().parent.parent / "tf_imaml" / "pretrained"
-PRETRAINED_MODEL = PRETRAINED / "omniglot_5way_1shot.keras"
+PRETRAINED_MODEL = harness.PRETRAINED
 WEIGHTS = ("pretrained", "random")
 METHODS = ("imaml", "maml", "fomaml")
 DTYPES = ("float32", "float64")
 REFERENCE_SOLVERS = ("gd", "lbfgs")
+option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    output_dir: str = "runs/study_gradient_accuracy"
-    inner_steps: tuple[int, ...] = (1, 2, 5, 10, 16, 25, 50, 100)
-    cg_steps: tuple[int, ...] = (1, 2, 5, 10, 20)
-    # Ridge regression tasks (closed-form target).
-    ridge_tasks: int = 32
-    ridge_dim: int = 20
-    ridge_support: int = 10
-    ridge_query: int = 20
-    ridge_lam: float = 1.0
-    ridge_learning_rate: float = 0.1
-    # Omniglot conv net.
-    weights: tuple[str, ...] = WEIGHTS
-    conv_tasks: int = 8
-    lam: float = 2.0
-    inner_learning_rate: float = 0.1
-    queries: int = 15
-    image_size: int = 28
-    filters: int = 64
-    activation: str = "relu"  # Of the random-init net; the shipped one is ReLU.
-    reference_solver: str = "gd"  # Of the reference's inner problem: "gd" or "lbfgs".
-    reference_inner_steps: int = 2000  # GD steps, or L-BFGS iterations at most.
-    reference_cg_steps: int = 300
-    maml_task_chunk: int = 2  # Tasks unrolled together (MAML's memory grows with K).
-    seed: int = 0
+class Config:
+    output_dir: str = option("runs/study_gradient_accuracy", "Where to write results.")
+    inner_steps: tuple[int, ...] = option((1, 2, 5, 10, 16, 25, 50, 100), "Inner steps K.")
+    cg_steps: tuple[int, ...] = option((1, 2, 5, 10, 20), "CG steps C.")
+    ridge_tasks: int = option(32, "Ridge regression tasks (closed-form target).")
+    ridge_dim: int = option(20, "Ridge parameters d.")
+    ridge_support: int = option(10, "Ridge support points per task.")
+    ridge_query: int = option(20, "Ridge query points per task.")
+    ridge_lam: float = option(1.0, "Proximal strength (ridge).")
+    ridge_learning_rate: float = option(0.1, "Inner GD step (ridge).")
+    weights: tuple[str, ...] = option(
+        WEIGHTS, "Conv-net weights: pretrained and/or random (or none)."
+    )
+    conv_tasks: int = option(8, "Omniglot tasks.")
+    lam: float = option(2.0, "Proximal strength on the conv net.")
+    inner_learning_rate: float = option(0.1, "Inner GD step on the conv net.")
+    queries: int = option(15, "Query examples per class (conv net).")
+    image_size: int = option(28, "Image side (conv net).")
+    filters: int = option(64, "Conv filters.")
+    activation: str = option(
+        "relu", "Activation of the random-init conv net (Keras name); the shipped one is ReLU."
+    )
+    reference_solver: str = option(
+        "gd",
+        "Inner solver of the float64 reference: gradient descent or L-BFGS.",
+        choices=REFERENCE_SOLVERS,
+    )
+    reference_inner_steps: int = option(
+        2000, "GD steps (or L-BFGS iterations at most) of the reference."
+    )
+    reference_cg_steps: int = option(300, "CG steps of the reference.")
+    maml_task_chunk: int = option(
+        2, "Conv-net tasks unrolled together by MAML (its memory grows with K)."
+    )
+    seed: int = option(0, "Seed of tasks and random weights.")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -183,7 +189,7 @@ class Problem:
         return Problem(self.loss_fn, cut(self.support), cut(self.query), cut(self.meta_params))
 
 
-def ridge_problems(config: StudyConfig) -> tuple[dict, np.ndarray]:
+def ridge_problems(config: Config) -> tuple[dict, np.ndarray]:
     """The ridge tasks in float32 and float64, and the closed-form target `[T, d]`."""
     tasks = testing.linear_tasks(
         num_tasks=config.ridge_tasks,
@@ -217,52 +223,47 @@ def ridge_problems(config: StudyConfig) -> tuple[dict, np.ndarray]:
     return by_dtype, target
 
 
-def omniglot_tasks(config: StudyConfig) -> tuple:
+def omniglot_tasks(config: Config) -> tuple:
     """`config.conv_tasks` seeded 5-way 1-shot tasks from Omniglot's test characters."""
     data = tf_imaml.datasets.load_omniglot("test", image_size=config.image_size)
-    episodes = tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
+    episodes = fewshot.episodes(
+        data,
         ways=5,
-        shots=1,
         queries=config.queries,
-        meta_batch_size=config.conv_tasks,
+        batch=config.conv_tasks,
         seed=config.seed,
-        rotations=(0, 90, 180, 270),
-        num_batches=1,
+        num_tasks=config.conv_tasks,
     )
     for (support_x, support_y, query_x), query_y in episodes:
         return support_x, support_y, query_x, query_y
     raise AssertionError("the episode dataset is empty")
 
 
-def conv_model(config: StudyConfig, dtype: str, weights: str) -> keras.Model:
+def conv_model(config: Config, dtype: str, weights: str) -> keras.Model:
     """The Omniglot conv net with every layer computing in `dtype`.
 
     The dtype matters: `batched.apply` calls the weightless layers (activations, flatten)
     themselves, and a Keras layer casts its inputs to its own compute dtype, so a float32
     model would silently round float64 activations.
     """
-    size = config.image_size
-    return tf_imaml.models.conv4_classifier(
-        5,
-        input_shape=(size, size, 1),
+    return fewshot.learner(
+        ways=5,
+        image_size=config.image_size,
         filters=config.filters,
         activation="relu" if weights == "pretrained" else config.activation,
         dtype=dtype,
     )
 
 
-def conv_weights(config: StudyConfig, weights: str) -> list[np.ndarray]:
+def conv_weights(config: Config, weights: str) -> list[np.ndarray]:
     """The conv net's trainable weights: the shipped model's, or a seeded random init."""
     if weights == "pretrained":
-        meta = keras.models.load_model(PRETRAINED_MODEL)
-        return [v.numpy() for v in meta.learner.trainable_variables]
+        return fewshot.pretrained_weights(PRETRAINED_MODEL)
     keras.utils.set_random_seed(config.seed)
     return [v.numpy() for v in conv_model(config, "float32", weights).trainable_variables]
 
 
-def conv_problems(config: StudyConfig, tasks: tuple, weights: str) -> dict:
+def conv_problems(config: Config, tasks: tuple, weights: str) -> dict:
     """The conv-net problem in float32 and float64: same tasks, same weights."""
     support_x, support_y, query_x, query_y = tasks
     values = conv_weights(config, weights)
@@ -369,15 +370,7 @@ class Estimators:
         return np.concatenate([o.numpy() for o in out], axis=0)
 
 
-def compare(estimate, target) -> dict:
-    """Per-task cosine similarity (and 1 - it) and relative error of `[T, N]` against `[T, N]`."""
-    estimate = np.asarray(estimate, np.float64)
-    target = np.asarray(target, np.float64)
-    dot = np.sum(estimate * target, axis=1)
-    norms = np.linalg.norm(estimate, axis=1) * np.linalg.norm(target, axis=1)
-    error = np.linalg.norm(estimate - target, axis=1) / np.linalg.norm(target, axis=1)
-    return {"cosine": dot / norms, "one_minus_cosine": 1.0 - dot / norms, "relative_error": error}
-
+compare = harness.compare
 
 APPROX_CG_TOL = 1e-10  # ImplicitMAML's default cg_tol: what users run.
 REFERENCE_CG_TOL = 1e-14
@@ -385,7 +378,7 @@ REFERENCE_MAX_GRAD_NORM = 1e-6  # A reference task counts as solved below these.
 REFERENCE_MAX_RESIDUAL = 1e-8
 
 
-def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -> dict:
+def reference_gradient(problem: Problem, est: Estimators, config: Config) -> dict:
     """The float64 reference: the inner problem solved (GD or L-BFGS), then CG to a tiny residual.
 
     GD runs in segments; at every checkpoint (each `K` of the study, and with the `"gd"`
@@ -431,10 +424,15 @@ def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -
         phi, done = inner.adapted_params, k
         solve = record(k, phi, inner.grad_norm.numpy())
     if config.reference_solver == "lbfgs":
-        phi, grad_norm, iterations = lbfgs_proximal_minimum(
-            problem, lam=est.lam, max_iterations=config.reference_inner_steps
+        lbfgs = reference.lbfgs_proximal_minimum(
+            lambda p: problem.loss_fn(p, *problem.support),
+            theta,
+            lam=est.lam,
+            max_iterations=config.reference_inner_steps,
         )
-        solve = record(f"L-BFGS {iterations}", phi, grad_norm)
+        solve = record(
+            f"L-BFGS {int(lbfgs.num_iterations)}", lbfgs.adapted_params, lbfgs.grad_norm.numpy()
+        )
     target = solve.meta_grads.numpy()
     end = trajectory[-1]
     ok = (
@@ -447,48 +445,6 @@ def reference_gradient(problem: Problem, est: Estimators, config: StudyConfig) -
         "ok": ok,
         "trajectory": trajectory,
     }
-
-
-def lbfgs_proximal_minimum(
-    problem: Problem, *, lam: float, max_iterations: int
-) -> tuple[list, np.ndarray, int]:
-    """Minimises every task's `G(phi) = L_support(phi) + lam/2 ||phi - theta||^2` by L-BFGS.
-
-    `tfp.optimizer.lbfgs_minimize` over the flattened task-batched parameters `[T, N]` (a
-    batch of independent problems), from theta, with its Hager-Zhang line search; it stops a
-    task when the gradient's largest entry is below 1e-12 or `G` stops changing.
-
-    Returns the minimiser (task-batched, like `problem.meta_params`), the per-task norm of
-    `grad G` there `[T]`, and the number of iterations.
-    """
-    theta = problem.meta_params
-    theta_flat = tree.flatten_tasks(theta)
-
-    @tf.function
-    def value_and_gradients(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            params = tree.unflatten_tasks(x, theta)
-            value = problem.loss_fn(params, *problem.support) + lam / 2 * tf.reduce_sum(
-                tf.square(x - theta_flat), axis=1
-            )
-        return value, tape.gradient(value, x)
-
-    result = tfp.optimizer.lbfgs_minimize(
-        value_and_gradients,
-        initial_position=theta_flat,
-        tolerance=1e-12,
-        x_tolerance=0.0,
-        f_relative_tolerance=0.0,
-        num_correction_pairs=20,
-        max_iterations=max_iterations,
-    )
-    _, grads = value_and_gradients(result.position)
-    return (
-        tree.unflatten_tasks(result.position, theta),
-        np.linalg.norm(grads.numpy(), axis=1),
-        int(result.num_iterations),
-    )
 
 
 def trajectory_table(trajectory: list) -> str:
@@ -519,7 +475,7 @@ def sweep(
     target: np.ndarray,
     est: dict,
     *,
-    config: StudyConfig,
+    config: Config,
     maml_chunk: int,
     label: str,
 ) -> dict:
@@ -575,32 +531,25 @@ def sweep(
         done = k
         print(
             f"[{label}] K={k}: rel. error float32/float64  iMAML(C={config.cg_steps[-1]}) "
-            f"{_mean(out['float32']['imaml'][-1][-1]['relative_error']):.2e}/"
-            f"{_mean(out['float64']['imaml'][-1][-1]['relative_error']):.2e}  MAML "
-            f"{_mean(out['float32']['maml'][-1]['relative_error']):.2e}/"
-            f"{_mean(out['float64']['maml'][-1]['relative_error']):.2e}  FOMAML "
-            f"{_mean(out['float32']['fomaml'][-1]['relative_error']):.2e}  "
+            f"{harness.mean(out['float32']['imaml'][-1][-1]['relative_error']):.2e}/"
+            f"{harness.mean(out['float64']['imaml'][-1][-1]['relative_error']):.2e}  MAML "
+            f"{harness.mean(out['float32']['maml'][-1]['relative_error']):.2e}/"
+            f"{harness.mean(out['float64']['maml'][-1]['relative_error']):.2e}  FOMAML "
+            f"{harness.mean(out['float32']['fomaml'][-1]['relative_error']):.2e}  "
             f"({time.time() - start:.0f} s)",
             flush=True,
         )
     return out
 
 
-def _mean(values, ok=None) -> float:
-    values = np.asarray(values, np.float64)
-    if ok is not None and np.any(ok):
-        values = values[np.asarray(ok)]
-    return float(np.mean(values))
-
-
 # --------------------------------------------------------------------------- reporting
 
 
-def tables(name: str, setting: str, result: dict, config: StudyConfig, ok=None) -> str:
+def tables(name: str, setting: str, result: dict, config: Config, ok=None) -> str:
     """Markdown: errors against the exact target vs K, the iMAML K x C grid, precision."""
     ks, cs = config.inner_steps, config.cg_steps
     c_max = cs[-1]
-    m = lambda x: _mean(x, ok)  # noqa: E731
+    m = lambda x: harness.mean(x, ok)  # noqa: E731
     f32, f64 = result["float32"], result["float64"]
     lines = [f"### {name}", "", setting, ""]
     for metric, title in (
@@ -676,7 +625,7 @@ def tables(name: str, setting: str, result: dict, config: StudyConfig, ok=None) 
     return "\n".join(lines)
 
 
-def plot(path: pathlib.Path, panels: list, config: StudyConfig) -> None:
+def plot(panels: list, config: Config):
     """Relative error vs K and vs C (at the largest K), one row per problem."""
     plt = reporting.pyplot()
     ks, cs = np.array(config.inner_steps), np.array(config.cg_steps)
@@ -689,17 +638,20 @@ def plot(path: pathlib.Path, panels: list, config: StudyConfig) -> None:
             curves = {
                 f"iMAML C={cs[-1]}": (
                     "imaml",
-                    [_mean(r[-1]["relative_error"], ok) for r in res["imaml"]],
+                    [harness.mean(r[-1]["relative_error"], ok) for r in res["imaml"]],
                 ),
-                "MAML": ("maml", [_mean(r["relative_error"], ok) for r in res["maml"]]),
-                "FOMAML": ("fomaml", [_mean(r["relative_error"], ok) for r in res["fomaml"]]),
+                "MAML": ("maml", [harness.mean(r["relative_error"], ok) for r in res["maml"]]),
+                "FOMAML": (
+                    "fomaml",
+                    [harness.mean(r["relative_error"], ok) for r in res["fomaml"]],
+                ),
             }
             for name, (method, ys) in curves.items():
                 ax_k.plot(
                     ks, ys, style, color=colors[method], marker="o", ms=3, label=f"{name} {d}"
                 )
             if len(cs) > 1:
-                small = [_mean(r[0]["relative_error"], ok) for r in res["imaml"]]
+                small = [harness.mean(r[0]["relative_error"], ok) for r in res["imaml"]]
                 ax_k.plot(
                     ks,
                     small,
@@ -711,7 +663,7 @@ def plot(path: pathlib.Path, panels: list, config: StudyConfig) -> None:
                 )
             ax_c.plot(
                 cs,
-                [_mean(r["relative_error"], ok) for r in res["imaml"][-1]],
+                [harness.mean(r["relative_error"], ok) for r in res["imaml"][-1]],
                 style,
                 color=colors["imaml"],
                 marker="o",
@@ -728,27 +680,15 @@ def plot(path: pathlib.Path, panels: list, config: StudyConfig) -> None:
         ax_c.set_title(f"{title}: vs C at K={ks[-1]}", fontsize=9)
         ax_k.legend(fontsize=6, ncol=2)
         ax_c.legend(fontsize=6)
-    reporting.save_figure(fig, path, dpi=90)
-
-
-def _tolist(tree_of_arrays):
-    if isinstance(tree_of_arrays, dict):
-        return {k: _tolist(v) for k, v in tree_of_arrays.items()}
-    if isinstance(tree_of_arrays, (list, tuple)):
-        return [_tolist(v) for v in tree_of_arrays]
-    if isinstance(tree_of_arrays, np.ndarray):
-        return tree_of_arrays.tolist()
-    return tree_of_arrays
+    return fig
 
 
 # --------------------------------------------------------------------------- the study
 
 
-def run(config: StudyConfig) -> dict:
+def run(config: Config) -> dict:
     """Runs the study, writes the Markdown, JSON and PNG; returns the JSON's content."""
-    config.validate()
-    out_dir = pathlib.Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = harness.output_folder(config, deterministic=False)
     start = time.time()
     results = {"config": dataclasses.asdict(config), "problems": {}}
     sections, panels = [], []
@@ -856,16 +796,21 @@ def run(config: StudyConfig) -> dict:
     results["wall_seconds"] = round(time.time() - start, 1)
     header = (
         f"## Accuracy of the implicit meta-gradient\n\n"
-        f"Produced by `scripts/study_gradient_accuracy.py` in {results['wall_seconds']:.0f} s. "
+        f"Produced by `scripts/studies/gradient_accuracy.py` in {results['wall_seconds']:.0f} s. "
         "Approximations after K inner GD steps on the proximal objective from theta: iMAML "
         "(C conjugate-gradient steps on `(I + H/lam) g = grad L_query(phi_K)`, CG tolerance "
         f"{APPROX_CG_TOL:g}), MAML (backpropagation through the K steps on the same proximal "
         "objective), FOMAML (`grad L_query(phi_K)`). f32/f64: the approximation computed in "
         "float32 or float64, both against the same float64 (or closed-form) target.\n"
     )
-    (out_dir / f"{NAME}.md").write_text(header + "\n" + "\n".join(sections))
-    reporting.write_json(out_dir / f"{NAME}.json", _tolist(results))
-    plot(out_dir / f"{NAME}.png", panels, config)
+    reporting.write(
+        out_dir,
+        NAME,
+        markdown=header + "\n" + "\n".join(sections),
+        data=harness.tolist(results),
+        figures={f"{NAME}.png": plot(panels, config)},
+        dpi=90,
+    )
     print(f"wrote {out_dir}/{NAME}.md, .json, .png in {results['wall_seconds']:.0f} s")
     return results
 
@@ -874,98 +819,5 @@ def _fmt_list(values) -> str:
     return ", ".join(reporting.format_cell(float(v)) for v in np.asarray(values))
 
 
-# --------------------------------------------------------------------------- flags
-
-
-def _define_flags() -> dict:
-    """The command-line flags (defined only when run as a program, so tests can import it)."""
-    d = StudyConfig()
-    ints = lambda s: tuple(int(x) for x in s)  # noqa: E731
-    return {
-        "output_dir": flags.DEFINE_string("output_dir", d.output_dir, "Where to write results."),
-        "tiny": flags.DEFINE_bool("tiny", False, "A tiny run (seconds): small sizes everywhere."),
-        "inner_steps": flags.DEFINE_list(
-            "inner_steps", list(map(str, d.inner_steps)), "Inner steps K to compare."
-        ),
-        "cg_steps": flags.DEFINE_list("cg_steps", list(map(str, d.cg_steps)), "CG steps C."),
-        "weights": flags.DEFINE_list(
-            "weights", list(d.weights), "Conv-net weights: pretrained and/or random (or none)."
-        ),
-        "conv_tasks": flags.DEFINE_integer("conv_tasks", d.conv_tasks, "Omniglot tasks."),
-        "lam": flags.DEFINE_float("lam", d.lam, "Proximal strength on the conv net."),
-        "inner_learning_rate": flags.DEFINE_float(
-            "inner_learning_rate", d.inner_learning_rate, "Inner GD step on the conv net."
-        ),
-        "activation": flags.DEFINE_string(
-            "activation", d.activation, "Activation of the random-init conv net (Keras name)."
-        ),
-        "reference_solver": flags.DEFINE_enum(
-            "reference_solver",
-            d.reference_solver,
-            list(REFERENCE_SOLVERS),
-            "Inner solver of the float64 reference: gradient descent or L-BFGS.",
-        ),
-        "reference_inner_steps": flags.DEFINE_integer(
-            "reference_inner_steps",
-            d.reference_inner_steps,
-            "GD steps (or L-BFGS iterations at most) of the reference.",
-        ),
-        "reference_cg_steps": flags.DEFINE_integer(
-            "reference_cg_steps", d.reference_cg_steps, "CG steps of the reference."
-        ),
-        "ridge_tasks": flags.DEFINE_integer("ridge_tasks", d.ridge_tasks, "Ridge tasks."),
-        "ridge_lam": flags.DEFINE_float("ridge_lam", d.ridge_lam, "Proximal strength (ridge)."),
-        "ridge_learning_rate": flags.DEFINE_float(
-            "ridge_learning_rate", d.ridge_learning_rate, "Inner GD step (ridge)."
-        ),
-        "maml_task_chunk": flags.DEFINE_integer(
-            "maml_task_chunk", d.maml_task_chunk, "Conv-net tasks unrolled together by MAML."
-        ),
-        "seed": flags.DEFINE_integer("seed", d.seed, "Seed of tasks and random weights."),
-        "_ints": ints,
-    }
-
-
-def config_from_flags(holders: dict) -> StudyConfig:
-    ints = holders["_ints"]
-    values = dict(
-        output_dir=holders["output_dir"].value,
-        inner_steps=ints(holders["inner_steps"].value),
-        cg_steps=ints(holders["cg_steps"].value),
-        weights=tuple(w for w in holders["weights"].value if w),
-        conv_tasks=holders["conv_tasks"].value,
-        lam=holders["lam"].value,
-        inner_learning_rate=holders["inner_learning_rate"].value,
-        activation=holders["activation"].value,
-        reference_solver=holders["reference_solver"].value,
-        reference_inner_steps=holders["reference_inner_steps"].value,
-        reference_cg_steps=holders["reference_cg_steps"].value,
-        ridge_tasks=holders["ridge_tasks"].value,
-        ridge_lam=holders["ridge_lam"].value,
-        ridge_learning_rate=holders["ridge_learning_rate"].value,
-        maml_task_chunk=holders["maml_task_chunk"].value,
-        seed=holders["seed"].value,
-    )
-    if holders["tiny"].value:
-        # Sizes not given on the command line shrink; flags given explicitly still win.
-        values = {
-            k: (TINY[k] if k in TINY and not flags.FLAGS[k].present else v)
-            for k, v in values.items()
-        } | {k: v for k, v in TINY.items() if k not in values}
-    return StudyConfig(**values)
-
-
-def main(argv, holders):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config = config_from_flags(holders)
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    _holders = _define_flags()
-    app.run(lambda argv: main(argv, _holders))
+    harness.main(Config, run, tiny=TINY)

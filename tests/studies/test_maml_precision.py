@@ -1,9 +1,6 @@
-"""scripts/study_maml_precision.py at a tiny size: float32 against float64 MAML."""
+"""scripts/studies/maml_precision.py at a tiny size: float32 against float64 MAML."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -15,22 +12,8 @@ from tf_imaml import tree
 # Slow: runs the study at a tiny size (meta-training included).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_maml_precision", ROOT / "scripts" / "study_maml_precision.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there.
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_script()
-
-TINY = dict(
+SMALL = dict(
     inner_steps=(1, 3),
     learning_rates=(0.4,),
     weights=("random",),
@@ -46,9 +29,9 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("maml_precision")
-    return study.run(study.StudyConfig(output_dir=str(out), **TINY)), out
+    return study.run(study.Config(output_dir=str(out), **SMALL)), out
 
 
 def test_float32_and_float64_differ_by_rounding_only(results):
@@ -76,7 +59,7 @@ def test_training_runs_in_each_dtype_on_the_same_test_tasks(results):
     assert training["float64_weights_moved_relative"] > 1e-4
 
 
-def test_writes_markdown_json_and_plot(results):
+def test_writes_markdown_json_and_plot(results, assert_png):
     _, out = results
     text = (out / "maml_precision.md").read_text()
     assert "### (a) Rounding error of the meta-gradient" in text
@@ -85,13 +68,13 @@ def test_writes_markdown_json_and_plot(results):
     assert "| float64 | " in text and "Paired difference" in text
     saved = json.loads((out / "maml_precision.json").read_text())
     assert saved["config"]["inner_steps"] == [1, 3]
-    assert (out / "maml_precision.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(out / "maml_precision.png")
 
 
-def test_maml_with_a_vanishing_step_is_the_query_gradient():
+def test_maml_with_a_vanishing_step_is_the_query_gradient(study):
     # Oracle: with learning rate -> 0, phi_K -> theta and d phi_K / d theta -> I, so the
     # unrolled meta-gradient is the query gradient at theta, to relative O(K * lr * |H|).
-    config = study.StudyConfig(image_size=14, filters=4, queries=1)
+    config = study.Config(image_size=14, filters=4, queries=1)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(1, 5, 14, 14, 1)), tf.float64)
     y = tf.constant([[0, 1, 2, 3, 4]], tf.int32)

@@ -25,109 +25,67 @@ of a short iMAML run done here (`--train_steps` meta-steps of `--train_meta_batc
 lam = 2, as the shipped model was trained), and the shipped model (`--pretrained`).
 
 `--dataset=mini_imagenet` measures mini-ImageNet training tasks instead (read from
-`--data_dir`, default `../shared/data/mini_imagenet`), with the 32-filter net with exact max
+`--data_dir`, default `$TF_IMAML_MINI_IMAGENET`), with the 32-filter net with exact max
 pooling on 84x84 RGB images that `scripts/train.py` trains there; `--pretrained` then names a
 mini-ImageNet model saved by `scripts/train.py` (its `model.keras`), or is empty.
 
 Writes `<output_dir>/study_assumptions.{md,json}` and PNG histograms.
 
 Usage:
-  python scripts/study_assumptions.py --output_dir=docs/studies/assumptions
-  python scripts/study_assumptions.py --tiny --output_dir=/tmp/assumptions  # a smoke run
-  python scripts/study_assumptions.py --dataset=mini_imagenet --inner_steps=5 \
+  python scripts/studies/assumptions.py --output_dir=docs/studies/assumptions
+  python scripts/studies/assumptions.py --tiny --output_dir=/tmp/assumptions  # a smoke run
+  python scripts/studies/assumptions.py --dataset=mini_imagenet --inner_steps=5 \
       --inner_learning_rate=0.01 --train_steps=0 --pretrained=runs/mini_imagenet/model.keras
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+import tensorflow as tf
 
-# The project's copy of mini-ImageNet (beside the repository), unless the user names one.
-_SHARED_MINI_IMAGENET = (
-    pathlib.Path(__file__).resolve().parent.parent.parent / "shared/data/mini_imagenet"
-)
-if _SHARED_MINI_IMAGENET.is_dir():
-    os.environ.setdefault("TF_IMAML_MINI_IMAGENET", str(_SHARED_MINI_IMAGENET))
+import tf_imaml
+from tf_imaml import tree
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-
-import tf_imaml  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-from tf_imaml import tree  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
+PRETRAINED = harness.PRETRAINED
 DATASETS = ("omniglot", "mini_imagenet")
-
-
-def define_flags() -> None:
-    """Defines the flags (only when run as a script, so tests can import several studies)."""
-    global _OUTPUT_DIR, _LAMS, _NUM_TASKS, _TASK_BATCH, _INNER_STEPS, _INNER_LR, _LANCZOS, _DELTA, _TRAIN_STEPS, _CHECKPOINT_EVERY, _TRAIN_META_BATCH, _PRETRAINED, _IMAGE_SIZE, _FILTERS, _SEED, _TINY, _DATASET, _DATA_DIR, _WAYS  # noqa: PLW0603
-    _OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/study_assumptions", "Where results go.")
-    _LAMS = flags.DEFINE_list("lams", ["0.5", "1", "2", "5", "10"], "Proximal strengths lam.")
-    _NUM_TASKS = flags.DEFINE_integer(
-        "num_tasks", 32, "Tasks per checkpoint and lam.", lower_bound=1
-    )
-    _TASK_BATCH = flags.DEFINE_integer("task_batch", 8, "Tasks evaluated together.", lower_bound=1)
-    _INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner GD steps K.", lower_bound=1)
-    _INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner GD step size.")
-    _LANCZOS = flags.DEFINE_integer("lanczos_iterations", 20, "Lanczos iterations.", lower_bound=2)
-    _DELTA = flags.DEFINE_float(
-        "delta", 0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||."
-    )
-    _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Meta-steps of the short run.")
-    _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Meta-steps per checkpoint.")
-    _TRAIN_META_BATCH = flags.DEFINE_integer("train_meta_batch", 8, "Tasks per meta-step.")
-    _PRETRAINED = flags.DEFINE_string("pretrained", str(PRETRAINED), "Shipped model ('' = none).")
-    _DATASET = flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Which tasks to measure.")
-    _DATA_DIR = flags.DEFINE_string(
-        "data_dir", None, "Dataset folder (default: the bundled Omniglot, ../shared mini-ImageNet)."
-    )
-    _WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
-    _IMAGE_SIZE = flags.DEFINE_integer(
-        "image_size",
-        None,
-        "Image side (default 28 for Omniglot, 84 for mini-ImageNet).",
-        lower_bound=8,
-    )
-    _FILTERS = flags.DEFINE_integer(
-        "filters", None, "Conv filters (default 64, the shipped net; 32 on mini-ImageNet)."
-    )
-    _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, tasks and Lanczos.")
-    _TINY = flags.DEFINE_bool("tiny", False, "A seconds-long smoke run (overrides the sizes).")
+option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    output_dir: str = "runs/study_assumptions"
-    lams: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
-    num_tasks: int = 32
-    task_batch: int = 8
-    inner_steps: int = 16
-    inner_learning_rate: float = 0.1
-    lanczos_iterations: int = 20
-    delta: float = 0.1
-    train_steps: int = 200
-    checkpoint_every: int = 100
-    train_meta_batch: int = 8
-    pretrained: str = str(PRETRAINED)
-    image_size: int | None = None  # None: 28 (Omniglot) or 84 (mini-ImageNet)
-    filters: int | None = None  # None: 64 (Omniglot, the shipped net) or 32 (mini-ImageNet)
-    seed: int = 0
-    dataset: str = "omniglot"
-    data_dir: str | None = None
-    ways: int = 5
-    verbose: bool = True
+    output_dir: str = option("runs/study_assumptions", "Where results go.")
+    lams: tuple[float, ...] = option((0.5, 1.0, 2.0, 5.0, 10.0), "Proximal strengths lam.")
+    num_tasks: int = option(32, "Tasks per checkpoint and lam.", lower_bound=1)
+    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1)
+    inner_steps: int = option(16, "Inner GD steps K.", lower_bound=1)
+    inner_learning_rate: float = option(0.1, "Inner GD step size.")
+    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2)
+    delta: float = option(0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||.")
+    train_steps: int = option(200, "Meta-steps of the short run.")
+    checkpoint_every: int = option(100, "Meta-steps per checkpoint.")
+    train_meta_batch: int = option(8, "Tasks per meta-step.")
+    pretrained: str = option(str(PRETRAINED), "Shipped model ('' = none).")
+    image_size: int | None = option(
+        None, "Image side (default 28 for Omniglot, 84 for mini-ImageNet).", lower_bound=8
+    )
+    filters: int | None = option(
+        None, "Conv filters (default 64, the shipped net; 32 on mini-ImageNet)."
+    )
+    seed: int = option(0, "Seed for weights, tasks and Lanczos.")
+    dataset: str = option("omniglot", "Which tasks to measure.", choices=DATASETS)
+    data_dir: str | None = option(
+        None, "Dataset folder (default: the bundled Omniglot, $TF_IMAML_MINI_IMAGENET)."
+    )
+    ways: int = option(5, "Classes per task.", lower_bound=2)
+    verbose: bool = option(True, "Print progress.", flag=False)
 
     @property
     def size(self) -> int:
@@ -179,22 +137,15 @@ TINY = dict(
 )
 
 
-def _log(config: Config, message: str) -> None:
-    if config.verbose:
-        print(message, flush=True)
-
-
 def _learner(config: Config) -> keras.Model:
-    keras.utils.set_random_seed(config.seed)
-    if config.dataset == "mini_imagenet":  # as scripts/train.py builds it there
-        return tf_imaml.models.conv4_classifier(
-            config.ways,
-            input_shape=(config.size, config.size, 3),
-            filters=config.num_filters,
-            pooling="max",
-        )
-    return tf_imaml.models.conv4_classifier(
-        config.ways, input_shape=(config.size, config.size, 1), filters=config.num_filters
+    mini = config.dataset == "mini_imagenet"  # as scripts/train.py builds it there
+    return fewshot.learner(
+        ways=config.ways,
+        image_size=config.size,
+        filters=config.num_filters,
+        channels=3 if mini else 1,
+        pooling="max" if mini else None,
+        seed=config.seed,
     )
 
 
@@ -208,8 +159,7 @@ def _load_pretrained(config: Config) -> list[np.ndarray] | None:
     """The `--pretrained` model's learner weights, checked against the configured net."""
     if not config.pretrained:
         return None
-    model = keras.models.load_model(config.pretrained)
-    weights = [v.numpy() for v in model.learner.trainable_variables]
+    weights = fewshot.pretrained_weights(config.pretrained)
     expected = [tuple(v.shape) for v in _learner(config).trainable_variables]
     if [w.shape for w in weights] != expected:
         raise ValueError(
@@ -221,23 +171,15 @@ def _load_pretrained(config: Config) -> list[np.ndarray] | None:
 
 
 def _episodes(config: Config, data, *, seed: int, batch: int, num_tasks: int | None, queries):
-    common = dict(
+    return fewshot.episodes(
+        data,
         ways=config.ways,
-        shots=1,
         queries=queries,
-        meta_batch_size=batch,
+        batch=batch,
         seed=seed,
-        num_batches=None if num_tasks is None else -(-num_tasks // batch),
-    )
-    if config.dataset == "mini_imagenet":
-        return tf_imaml.episodes.jpeg_few_shot_episodes(
-            data.images,
-            data.labels,
-            image_size=None if config.size == 84 else config.size,
-            **common,
-        )
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images, data.labels, rotations=(0, 90, 180, 270), **common
+        num_tasks=num_tasks,
+        dataset=config.dataset,
+        image_size=None if config.size == 84 else config.size,
     )
 
 
@@ -252,10 +194,7 @@ def checkpoints(config: Config, data, pretrained=None) -> dict[str, list[np.ndar
             inner_steps=config.inner_steps,
             inner_learning_rate=config.inner_learning_rate,
         )
-        meta.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        fewshot.compile_meta(meta, metrics=None)
         episodes = _episodes(
             config,
             data,
@@ -274,8 +213,8 @@ def checkpoints(config: Config, data, pretrained=None) -> dict[str, list[np.ndar
             ).history
             step = (epoch + 1) * config.checkpoint_every
             weights[f"imaml_step{step}"] = [v.numpy() for v in learner.trainable_variables]
-            _log(
-                config,
+            harness.log(
+                config.verbose,
                 f"  short run: {step} meta-steps, {time.time() - start:.0f} s, "
                 f"failed_fraction {logs['failed_fraction'][-1]:.2f}",
             )
@@ -366,14 +305,11 @@ def measure_all(config: Config, weights: dict, data) -> dict:
             parts = [
                 measure(theta, sx, sy, tf.constant(lam, tf.float32)) for (sx, sy, _), _ in tasks
             ]
-            values = {
-                key: np.concatenate([p[key].numpy() for p in parts])[: config.num_tasks]
-                for key in parts[0]
-            }
+            values = fewshot.concat_tasks(parts, config.num_tasks)
             values["rel_grad_norm"] = values["grad_norm"] / values["grad_norm_start"]
             results[name][lam] = values
-            _log(
-                config,
+            harness.log(
+                config.verbose,
                 f"  {name} lam={lam:g}: indefinite {np.mean(values['min_eig'] < 0):.2f}, "
                 f"median ||grad G|| ratio {np.median(values['rel_grad_norm']):.3g} "
                 f"({time.time() - start:.0f} s)",
@@ -429,11 +365,12 @@ COLUMNS = (
 )
 
 
-def plot(config: Config, results: dict, out: pathlib.Path) -> list[str]:
+def plot(config: Config, results: dict) -> dict:
+    """Histograms by checkpoint and lam: `{file name: figure}`."""
     plt = reporting.pyplot()
     names = list(results)
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(names)))
-    files = []
+    figures = {}
     for key, title, log in (
         ("min_eig", "smallest eigenvalue of I + H/lam at phi_K (Lanczos)", False),
         ("rel_grad_norm", "||grad G(phi_K)|| / ||grad G(theta)||", True),
@@ -454,9 +391,7 @@ def plot(config: Config, results: dict, out: pathlib.Path) -> list[str]:
             ax.tick_params(labelsize=7)
         axes[0][0].legend(fontsize=6)
         fig.suptitle(title + f" ({config.num_tasks} tasks; red: threshold)", fontsize=9)
-        path = out / f"study_assumptions_{key}.png"
-        reporting.save_figure(fig, path, dpi=80)
-        files.append(path.name)
+        figures[f"study_assumptions_{key}.png"] = fig
     fig, ax = plt.subplots(figsize=(6, 3))
     lam = config.lams[len(config.lams) // 2]
     for name, color in zip(names, colors, strict=True):
@@ -466,28 +401,26 @@ def plot(config: Config, results: dict, out: pathlib.Path) -> list[str]:
     ax.set_xlabel("log10 max_k ||H(phi_k+1)v - H(phi_k)v|| / ||phi_k+1 - phi_k||", fontsize=8)
     ax.set_title(f"Hessian-Lipschitz estimate along the inner path (lam = {lam:g})", fontsize=9)
     ax.legend(fontsize=7)
-    path = out / "study_assumptions_lipschitz.png"
-    reporting.save_figure(fig, path, dpi=80)
-    files.append(path.name)
-    return files
+    figures["study_assumptions_lipschitz.png"] = fig
+    return figures
 
 
 def run(config: Config) -> dict:
     """Runs the study; writes the Markdown table, JSON and plots; returns the summary."""
-    config.validate()
-    out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tf.config.experimental.enable_op_determinism()
+    out = harness.output_folder(config, deterministic=True)
     start = time.time()
     pretrained = _load_pretrained(config)  # before any work: a model that does not fit fails
     data = _load_data(config)
-    _log(config, "checkpoints ...")
+    harness.log(config.verbose, "checkpoints ...")
     weights = checkpoints(config, data, pretrained)
     train_seconds = time.time() - start
-    _log(config, f"measuring {len(weights)} checkpoints x {len(config.lams)} lam ...")
+    harness.log(
+        config.verbose, f"measuring {len(weights)} checkpoints x {len(config.lams)} lam ..."
+    )
     results = measure_all(config, weights, data)
     rows = summarize(config, results)
-    plots = plot(config, results, out)
+    figures = plot(config, results)
+    plots = list(figures)
     seconds = time.time() - start
     header = (
         f"{'mini-ImageNet' if config.dataset == 'mini_imagenet' else 'Omniglot'} "
@@ -502,8 +435,7 @@ def run(config: Config) -> dict:
     table = reporting.markdown_table(
         [title for _, title in COLUMNS], [[row[k] for k, _ in COLUMNS] for row in rows]
     )
-    command = "python scripts/study_assumptions.py " + " ".join(sys.argv[1:])
-    (out / "study_assumptions.md").write_text(
+    markdown = (
         "## Study 4: iMAML's assumptions on real tasks\n\n"
         + header
         + "\n\n"
@@ -514,7 +446,7 @@ def run(config: Config) -> dict:
     )
     summary = {
         "config": dataclasses.asdict(config),
-        "command": command,
+        "command": harness.command("assumptions"),
         "rows": rows,
         "per_task": {
             name: {str(lam): {k: v.tolist() for k, v in d.items()} for lam, d in by_lam.items()}
@@ -524,44 +456,12 @@ def run(config: Config) -> dict:
         "seconds": round(seconds, 1),
         "train_seconds": round(train_seconds, 1),
     }
-    reporting.write_json(out / "study_assumptions.json", summary)
-    _log(config, f"done in {seconds:.0f} s; results in {out}")
+    reporting.write(
+        out, "study_assumptions", markdown=markdown, data=summary, figures=figures, dpi=80
+    )
+    harness.log(config.verbose, f"done in {seconds:.0f} s; results in {out}")
     return summary
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    values = dict(
-        output_dir=_OUTPUT_DIR.value,
-        lams=tuple(float(x) for x in _LAMS.value),
-        num_tasks=_NUM_TASKS.value,
-        task_batch=_TASK_BATCH.value,
-        inner_steps=_INNER_STEPS.value,
-        inner_learning_rate=_INNER_LR.value,
-        lanczos_iterations=_LANCZOS.value,
-        delta=_DELTA.value,
-        train_steps=_TRAIN_STEPS.value,
-        checkpoint_every=_CHECKPOINT_EVERY.value,
-        train_meta_batch=_TRAIN_META_BATCH.value,
-        pretrained=_PRETRAINED.value,
-        image_size=_IMAGE_SIZE.value,
-        filters=_FILTERS.value,
-        seed=_SEED.value,
-        dataset=_DATASET.value,
-        data_dir=_DATA_DIR.value,
-        ways=_WAYS.value,
-    )
-    if _TINY.value:
-        values.update(TINY)
-    config = Config(**values)
-    try:
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    harness.main(Config, run, tiny=TINY)

@@ -1,4 +1,4 @@
-"""Reviewer study (issue #7): is MAML numerically unstable through long unrolls?
+"""Study 2: is MAML numerically unstable through long unrolls?
 
 The iMAML paper attributes part of MAML's weaker results to numerical instability when
 backpropagating through many inner steps. This study separates rounding from everything
@@ -19,69 +19,62 @@ Writes `maml_precision.md`, `maml_precision.json` and `maml_precision.png` into
 `--output_dir`.
 
 Usage:
-  python scripts/study_maml_precision.py --output_dir=docs/studies/maml_precision
-  python scripts/study_maml_precision.py --tiny --output_dir=/tmp/maml_precision
+  python scripts/studies/maml_precision.py --output_dir=docs/studies/maml_precision
+  python scripts/studies/maml_precision.py --tiny --output_dir=/tmp/maml_precision
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-
-import tf_imaml  # noqa: E402
-from tf_imaml import batched  # noqa: E402
-from tf_imaml import hvp as hvp_lib  # noqa: E402
-from tf_imaml import implicit  # noqa: E402
-from tf_imaml import inner_solvers  # noqa: E402
-from tf_imaml import linear_solve  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-from tf_imaml import tree  # noqa: E402
-from tf_imaml import unrolled  # noqa: E402
+import tf_imaml
+from tf_imaml import batched
+from tf_imaml import hvp as hvp_lib
+from tf_imaml import implicit
+from tf_imaml import inner_solvers
+from tf_imaml import linear_solve
+from tf_imaml import tree
+from tf_imaml import unrolled
 
 NAME = "maml_precision"
-PRETRAINED_MODEL = (
-    pathlib.Path(__file__).resolve().parent.parent
-    / "tf_imaml"
-    / "pretrained"
-    / "omniglot_5way_1shot.keras"
-)
+PRETRAINED_MODEL = harness.PRETRAINED
 WEIGHTS = ("random", "pretrained")
 DTYPES = ("float32", "float64")
+option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    output_dir: str = "runs/study_maml_precision"
-    # (a) gradient precision.
-    inner_steps: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100)
-    learning_rates: tuple[float, ...] = (0.01, 0.1, 0.4)
-    weights: tuple[str, ...] = ("random",)
-    grad_tasks: int = 4
-    lam: float = 2.0
-    cg_steps: int = 5
-    maml_task_chunk: int = 2  # Tasks unrolled together (MAML's memory grows with K).
-    # (b) training.
-    train_meta_steps: int = 200
-    meta_batch_size: int = 4
-    train_inner_steps: int = 5
-    train_learning_rate: float = 0.4
-    outer_learning_rate: float = 1e-3
-    test_tasks: int = 200
-    # Both.
-    queries: int = 15
-    image_size: int = 28
-    filters: int = 64
-    seed: int = 0
+class Config:
+    output_dir: str = option("runs/study_maml_precision", "Where to write results.")
+    inner_steps: tuple[int, ...] = option((1, 2, 5, 10, 25, 50, 100), "Inner steps K of part (a).")
+    learning_rates: tuple[float, ...] = option((0.01, 0.1, 0.4), "Inner step sizes of part (a).")
+    weights: tuple[str, ...] = option(
+        ("random",), "Part (a) weights: random and/or pretrained (or none)."
+    )
+    grad_tasks: int = option(4, "Tasks of part (a).")
+    lam: float = option(2.0, "iMAML's proximal strength in part (a).")
+    cg_steps: int = option(5, "iMAML's CG steps in part (a).")
+    maml_task_chunk: int = option(
+        2, "Tasks unrolled together in part (a) (MAML's memory grows with K)."
+    )
+    train_meta_steps: int = option(200, "Meta-steps of part (b); 0 skips it.")
+    meta_batch_size: int = option(4, "Tasks per meta-step in part (b).")
+    train_inner_steps: int = option(5, "MAML's inner steps in part (b).")
+    train_learning_rate: float = option(0.4, "MAML's inner step size in part (b).")
+    outer_learning_rate: float = option(1e-3, "Adam step size in part (b).")
+    test_tasks: int = option(200, "Test tasks of part (b).")
+    queries: int = option(15, "Query examples per class.")
+    image_size: int = option(28, "Image side.")
+    filters: int = option(64, "Conv filters.")
+    seed: int = option(0, "Seed of tasks, weights and episodes.")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -132,39 +125,29 @@ TINY = dict(
 # --------------------------------------------------------------------------- the conv net
 
 
-def conv_model(config: StudyConfig, dtype: str) -> keras.Model:
+def conv_model(config: Config, dtype: str) -> keras.Model:
     """The Omniglot conv net with every layer computing in `dtype`.
 
     Every layer gets the dtype (`conv4_classifier(dtype=...)`): a Keras layer casts its
     inputs to its own compute dtype, so one float32 layer would round a float64 network.
     """
-    size = config.image_size
-    return tf_imaml.models.conv4_classifier(
-        5, input_shape=(size, size, 1), filters=config.filters, dtype=dtype
+    return fewshot.learner(
+        ways=5, image_size=config.image_size, filters=config.filters, dtype=dtype
     )
 
 
-def initial_weights(config: StudyConfig, weights: str) -> list[np.ndarray]:
+def initial_weights(config: Config, weights: str) -> list[np.ndarray]:
     """The shipped iMAML model's weights, or a seeded random init (float32 values)."""
     if weights == "pretrained":
-        meta = keras.models.load_model(PRETRAINED_MODEL)
-        return [v.numpy() for v in meta.learner.trainable_variables]
+        return fewshot.pretrained_weights(PRETRAINED_MODEL)
     keras.utils.set_random_seed(config.seed)
     return [v.numpy() for v in conv_model(config, "float32").trainable_variables]
 
 
-def episodes(config: StudyConfig, data, *, seed: int, num_tasks: int | None, batch: int):
+def episodes(config: Config, data, *, seed: int, num_tasks: int | None, batch: int):
     """Seeded Omniglot 5-way 1-shot episodes (rotations as extra classes)."""
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
-        ways=5,
-        shots=1,
-        queries=config.queries,
-        meta_batch_size=batch,
-        seed=seed,
-        rotations=(0, 90, 180, 270),
-        num_batches=None if num_tasks is None else -(-num_tasks // batch),
+    return fewshot.episodes(
+        data, ways=5, queries=config.queries, batch=batch, seed=seed, num_tasks=num_tasks
     )
 
 
@@ -183,7 +166,9 @@ class Gradients:
 
     def loss_fn(self, params, x, y):
         logits = batched.apply(self.model, params, x)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=1)
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=1
+        )
 
     def _maml(self, meta_params, num_steps, learning_rate, support, query):
         """Second-order MAML: backpropagation through `num_steps` GD steps (flattened)."""
@@ -225,20 +210,16 @@ class Gradients:
 
 def compare(estimate, target) -> dict:
     """Per-task relative difference and 1 - cosine of `[T, N]` against `[T, N]`."""
-    estimate = np.asarray(estimate, np.float64)
-    target = np.asarray(target, np.float64)
-    norms = np.linalg.norm(estimate, axis=1) * np.linalg.norm(target, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "relative_error": np.linalg.norm(estimate - target, axis=1)
-            / np.linalg.norm(target, axis=1),
-            "one_minus_cosine": 1.0 - np.sum(estimate * target, axis=1) / norms,
-            "norm_float64": np.linalg.norm(target, axis=1),
-            "finite": np.isfinite(estimate).all(axis=1) & np.isfinite(target).all(axis=1),
-        }
+    fields = ("relative_error", "one_minus_cosine", "target_norm", "finite")
+    result = harness.compare(estimate, target, fields)
+    result["norm_float64"] = result.pop("target_norm")
+    return {
+        name: result[name]
+        for name in ("relative_error", "one_minus_cosine", "norm_float64", "finite")
+    }
 
 
-def gradient_precision(config: StudyConfig, tasks: tuple, weights: list, label: str) -> dict:
+def gradient_precision(config: Config, tasks: tuple, weights: list, label: str) -> dict:
     """MAML and iMAML, float32 against float64, for every learning rate and K."""
     support_x, support_y, query_x, query_y = tasks
     grads, data, theta = {}, {}, {}
@@ -297,7 +278,7 @@ def gradient_precision(config: StudyConfig, tasks: tuple, weights: list, label: 
 # --------------------------------------------------------------------------- (b) training
 
 
-def train_and_evaluate(config: StudyConfig, dtype: str, weights: list, data: dict) -> dict:
+def train_and_evaluate(config: Config, dtype: str, weights: list, data: dict) -> dict:
     """`tf_imaml.MAML` meta-trained in `dtype` from `weights`; test accuracy per task."""
     keras.utils.set_random_seed(config.seed)
     learner = conv_model(config, dtype)
@@ -308,11 +289,7 @@ def train_and_evaluate(config: StudyConfig, dtype: str, weights: list, data: dic
         inner_steps=config.train_inner_steps,
         inner_learning_rate=config.train_learning_rate,
     )
-    meta.compile(
-        optimizer=keras.optimizers.Adam(config.outer_learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["sparse_categorical_accuracy"],
-    )
+    fewshot.compile_meta(meta, learning_rate=config.outer_learning_rate)
     start = time.time()
     history = {}
     if config.train_meta_steps:
@@ -344,7 +321,7 @@ def train_and_evaluate(config: StudyConfig, dtype: str, weights: list, data: dic
 # --------------------------------------------------------------------------- reporting
 
 
-def precision_table(rows: dict, config: StudyConfig) -> str:
+def precision_table(rows: dict, config: Config) -> str:
     headers = [
         "K",
         "MAML rel. diff.",
@@ -360,23 +337,22 @@ def precision_table(rows: dict, config: StudyConfig) -> str:
         table.append(
             [
                 k,
-                _mean(m["relative_error"]),
-                _mean(m["one_minus_cosine"]),
-                _mean(m["norm_float64"]),
-                _mean(im["relative_error"]),
-                _mean(im["one_minus_cosine"]),
-                _mean(im["norm_float64"]),
+                _finite_mean(m["relative_error"]),
+                _finite_mean(m["one_minus_cosine"]),
+                _finite_mean(m["norm_float64"]),
+                _finite_mean(im["relative_error"]),
+                _finite_mean(im["one_minus_cosine"]),
+                _finite_mean(im["norm_float64"]),
             ]
         )
     return reporting.markdown_table(headers, table)
 
 
-def _mean(values) -> float:
-    values = np.asarray(values, np.float64)
-    return float(np.mean(values)) if np.all(np.isfinite(values)) else float("nan")
+def _finite_mean(values) -> float:
+    return harness.mean(values, nan_unless_finite=True)
 
 
-def plot(path: pathlib.Path, precision: dict, training: dict | None, config: StudyConfig) -> None:
+def plot(precision: dict, training: dict | None, config: Config):
     plt = reporting.pyplot()
     ncols = 2 if training else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8), squeeze=False)
@@ -387,7 +363,7 @@ def plot(path: pathlib.Path, precision: dict, training: dict | None, config: Stu
         for lr, rows in by_lr.items():
             marker = next(markers, "o")
             for method, style in (("maml", "-"), ("imaml", "--")):
-                ys = [_mean(r["relative_error"]) for r in rows[method]]
+                ys = [_finite_mean(r["relative_error"]) for r in rows[method]]
                 ax.plot(
                     ks,
                     ys,
@@ -417,14 +393,12 @@ def plot(path: pathlib.Path, precision: dict, training: dict | None, config: Stu
         )
         low = min(m - c for m, c in zip(means, cis, strict=True))
         ax.set_ylim(max(0.0, low - 10), min(100.0, max(means) + 10))
-    reporting.save_figure(fig, path, dpi=90)
+    return fig
 
 
-def run(config: StudyConfig) -> dict:
+def run(config: Config) -> dict:
     """Runs both parts, writes the Markdown, JSON and PNG; returns the JSON's content."""
-    config.validate()
-    out_dir = pathlib.Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = harness.output_folder(config, deterministic=False)
     start = time.time()
     data = {
         s: tf_imaml.datasets.load_omniglot(s, image_size=config.image_size)
@@ -528,94 +502,19 @@ def run(config: StudyConfig) -> dict:
     results["gradient_part_seconds"] = round(a_seconds, 1)
     header = (
         "## MAML's numerical stability: float32 against float64\n\n"
-        f"Produced by `scripts/study_maml_precision.py` in {results['wall_seconds']:.0f} s.\n"
+        f"Produced by `scripts/studies/maml_precision.py` in {results['wall_seconds']:.0f} s.\n"
     )
-    (out_dir / f"{NAME}.md").write_text(header + "\n" + "\n".join(lines))
-    reporting.write_json(out_dir / f"{NAME}.json", _tolist(results))
-    plot(out_dir / f"{NAME}.png", results["gradient_precision"], training, config)
+    reporting.write(
+        out_dir,
+        NAME,
+        markdown=header + "\n" + "\n".join(lines),
+        data=harness.tolist(results),
+        figures={f"{NAME}.png": plot(results["gradient_precision"], training, config)},
+        dpi=90,
+    )
     print(f"wrote {out_dir}/{NAME}.md, .json, .png in {results['wall_seconds']:.0f} s")
     return results
 
 
-def _tolist(value):
-    if isinstance(value, dict):
-        return {k: _tolist(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tolist(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-# --------------------------------------------------------------------------- flags
-
-
-def _define_flags() -> dict:
-    """The command-line flags (defined only when run as a program, so tests can import it)."""
-    d = StudyConfig()
-    return {
-        "output_dir": flags.DEFINE_string("output_dir", d.output_dir, "Where to write results."),
-        "tiny": flags.DEFINE_bool("tiny", False, "A tiny run (seconds): small sizes everywhere."),
-        "inner_steps": flags.DEFINE_list(
-            "inner_steps", list(map(str, d.inner_steps)), "Inner steps K of part (a)."
-        ),
-        "learning_rates": flags.DEFINE_list(
-            "learning_rates", list(map(str, d.learning_rates)), "Inner step sizes of part (a)."
-        ),
-        "weights": flags.DEFINE_list(
-            "weights", list(d.weights), "Part (a) weights: random and/or pretrained (or none)."
-        ),
-        "grad_tasks": flags.DEFINE_integer("grad_tasks", d.grad_tasks, "Tasks of part (a)."),
-        "train_meta_steps": flags.DEFINE_integer(
-            "train_meta_steps", d.train_meta_steps, "Meta-steps of part (b); 0 skips it."
-        ),
-        "meta_batch_size": flags.DEFINE_integer(
-            "meta_batch_size", d.meta_batch_size, "Tasks per meta-step in part (b)."
-        ),
-        "train_inner_steps": flags.DEFINE_integer(
-            "train_inner_steps", d.train_inner_steps, "MAML's inner steps in part (b)."
-        ),
-        "test_tasks": flags.DEFINE_integer("test_tasks", d.test_tasks, "Test tasks of part (b)."),
-        "maml_task_chunk": flags.DEFINE_integer(
-            "maml_task_chunk", d.maml_task_chunk, "Tasks unrolled together in part (a)."
-        ),
-        "seed": flags.DEFINE_integer("seed", d.seed, "Seed of tasks, weights and episodes."),
-    }
-
-
-def config_from_flags(holders: dict) -> StudyConfig:
-    values = dict(
-        output_dir=holders["output_dir"].value,
-        inner_steps=tuple(int(x) for x in holders["inner_steps"].value),
-        learning_rates=tuple(float(x) for x in holders["learning_rates"].value),
-        weights=tuple(w for w in holders["weights"].value if w),
-        grad_tasks=holders["grad_tasks"].value,
-        train_meta_steps=holders["train_meta_steps"].value,
-        meta_batch_size=holders["meta_batch_size"].value,
-        train_inner_steps=holders["train_inner_steps"].value,
-        test_tasks=holders["test_tasks"].value,
-        maml_task_chunk=holders["maml_task_chunk"].value,
-        seed=holders["seed"].value,
-    )
-    if holders["tiny"].value:
-        # Sizes not given on the command line shrink; flags given explicitly still win.
-        values = {
-            k: TINY[k] if k in TINY and not flags.FLAGS[k].present else v for k, v in values.items()
-        } | {k: v for k, v in TINY.items() if k not in values}
-    return StudyConfig(**values)
-
-
-def main(argv, holders):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config = config_from_flags(holders)
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    _holders = _define_flags()
-    app.run(lambda argv: main(argv, _holders))
+    harness.main(Config, run, tiny=TINY)

@@ -1,14 +1,11 @@
-"""scripts/study_line_search.py at a tiny size: files, rows, and what the line search buys.
+"""scripts/studies/line_search.py at a tiny size: files, rows, and what the line search buys.
 
 Part 2 (training iMAML-HF) is left out here (`train_meta_steps=0`): tracing a train step with
 Hager-Zhang inside takes longer than this file's time budget; the study's real run covers it.
 """
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -16,28 +13,13 @@ import pytest
 # Slow: runs the study at a tiny size.
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_line_search", ROOT / "scripts" / "study_line_search.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_script()
-
-
-def test_tiny_study_traces_newton_steps_with_and_without_line_search(tmp_path):
-    config = dataclasses.replace(
-        study.tiny_config(str(tmp_path)), lams=(2.0, 10.0), train_meta_steps=0
-    )
+def test_tiny_study_traces_newton_steps_with_and_without_line_search(
+    study, tiny, tmp_path, assert_png
+):
+    config = tiny(lams=(2.0, 10.0), train_meta_steps=0)
     results = study.run(config)
-    assert (tmp_path / "line_search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(tmp_path / "line_search.png")
     saved = json.loads((tmp_path / "line_search.json").read_text())
     assert saved["traces"] == json.loads(json.dumps(results["traces"]))
     assert saved["training"] == []
@@ -78,8 +60,8 @@ def test_tiny_study_traces_newton_steps_with_and_without_line_search(tmp_path):
         ({"lams": (0.0,)}, "--lams"),
     ],
 )
-def test_bad_config_is_refused_before_any_work(change, message, tmp_path):
-    config = dataclasses.replace(study.StudyConfig(output_dir=str(tmp_path / "out")), **change)
+def test_bad_config_is_refused_before_any_work(study, change, message, tmp_path):
+    config = dataclasses.replace(study.Config(output_dir=str(tmp_path / "out")), **change)
     with pytest.raises(ValueError, match=message):
         study.run(config)
     assert not (tmp_path / "out").exists()

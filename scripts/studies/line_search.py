@@ -17,56 +17,59 @@ meta-steps, then tested on the same `--test_tasks` tasks (mean +- 95% CI).
 Writes `<output_dir>/line_search.md`, `line_search.json` and `line_search.png`.
 
 Usage:
-  python scripts/study_line_search.py --output_dir=runs/study_line_search
-  python scripts/study_line_search.py --tiny --output_dir=/tmp/line_search   # smoke run
+  python scripts/studies/line_search.py --output_dir=runs/study_line_search
+  python scripts/studies/line_search.py --tiny --output_dir=/tmp/line_search   # smoke run
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import fewshot
+import harness
+import keras
+import numpy as np
+import reporting
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+import tf_imaml
+from tf_imaml import hessian_free
 
-import tf_imaml  # noqa: E402
-from tf_imaml import hessian_free  # noqa: E402
-from tf_imaml import reporting  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
+PRETRAINED = harness.PRETRAINED
 NAME = "line_search"
 WEIGHTS = ("shipped", "random")
+option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
-    output_dir: str = "runs/study_line_search"
-    weights: tuple[str, ...] = WEIGHTS
-    lams: tuple[float, ...] = (0.5, 2.0, 10.0)
-    newton_steps: int = 10
-    cg_steps: int = 5
-    tasks: int = 40
-    train_meta_steps: int = 40
-    train_newton_steps: int = 3
-    train_lam: float = 2.0
-    meta_batch_size: int = 8
-    on_failure: str = "first_order"
-    test_tasks: int = 100
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    image_size: int = 28
-    filters: int = 64
-    pretrained: str = str(PRETRAINED)
-    seed: int = 0
+class Config:
+    output_dir: str = option("runs/study_line_search", "Where results go.")
+    weights: tuple[str, ...] = option(WEIGHTS, "Where theta is: shipped, random.")
+    lams: tuple[float, ...] = option((0.5, 2.0, 10.0), "Proximal strengths lambda.")
+    newton_steps: int = option(10, "Newton steps traced.", lower_bound=1)
+    cg_steps: int = option(5, "CG iterations per Newton step.", lower_bound=1)
+    tasks: int = option(40, "Test tasks for part 1.", lower_bound=1)
+    train_meta_steps: int = option(
+        40, "Meta-steps of each part-2 run (0: no training).", lower_bound=0
+    )
+    train_newton_steps: int = option(3, "Newton steps per task in part-2 training.", lower_bound=1)
+    train_lam: float = option(2.0, "lambda of the part-2 training.")
+    meta_batch_size: int = option(8, "Part-2 tasks per meta-step.")
+    on_failure: str = option(
+        "first_order",
+        "Part 2: what a task whose meta-gradient solve failed contributes (see MetaLearner).",
+        choices=("drop", "first_order", "zero"),
+    )
+    test_tasks: int = option(100, "Part-2 test tasks.", lower_bound=2)
+    ways: int = option(5, "Classes per task.", lower_bound=2)
+    shots: int = option(1, "Support examples per class.", lower_bound=1)
+    queries: int = option(15, "Query examples per class.", lower_bound=1)
+    image_size: int = option(28, "Image side (shipped weights: 28).")
+    filters: int = option(64, "Channels of the random-init conv net.")
+    pretrained: str = option(str(PRETRAINED), "The shipped model.")
+    seed: int = option(0, "Seed of the random init and of the episodes.")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -83,36 +86,31 @@ class StudyConfig:
                 raise ValueError("--weights=shipped needs --image_size=28 (the shipped net's)")
 
 
-def tiny_config(output_dir: str) -> StudyConfig:
-    """The smoke-run configuration (also what `--tiny` uses)."""
-    return StudyConfig(
-        output_dir=output_dir,
-        weights=("random",),
-        lams=(2.0,),
-        newton_steps=2,
-        cg_steps=2,
-        tasks=4,
-        train_meta_steps=1,
-        train_newton_steps=1,
-        meta_batch_size=2,
-        test_tasks=4,
-        queries=2,
-        image_size=14,
-        filters=8,
-    )
+TINY = dict(
+    weights=("random",),
+    lams=(2.0,),
+    newton_steps=2,
+    cg_steps=2,
+    tasks=4,
+    train_meta_steps=1,
+    train_newton_steps=1,
+    meta_batch_size=2,
+    test_tasks=4,
+    queries=2,
+    image_size=14,
+    filters=8,
+)
 
 
-def _episodes(config: StudyConfig, data, *, seed: int, num_tasks: int, batch: int):
-    return tf_imaml.episodes.few_shot_episodes(
-        data.images,
-        data.labels,
+def _episodes(config: Config, data, *, seed: int, num_tasks: int, batch: int):
+    return fewshot.episodes(
+        data,
         ways=config.ways,
         shots=config.shots,
         queries=config.queries,
-        meta_batch_size=batch,
+        batch=batch,
         seed=seed,
-        rotations=(0, 90, 180, 270),
-        num_batches=-(-num_tasks // batch),
+        num_tasks=num_tasks,
     )
 
 
@@ -198,7 +196,7 @@ def _summarise(trace: dict, query_accuracy: np.ndarray) -> dict:
     }
 
 
-def newton_traces(config: StudyConfig, learners: dict, test_data, *, on_row=None) -> list[dict]:
+def newton_traces(config: Config, learners: dict, test_data, *, on_row=None) -> list[dict]:
     """Part 1: one row per (weights, lam, line search); `on_row(rows)` after each."""
     batch = min(config.tasks, 20)
     episodes = list(
@@ -262,7 +260,7 @@ def newton_traces(config: StudyConfig, learners: dict, test_data, *, on_row=None
     return rows
 
 
-def train_comparison(config: StudyConfig, init_weights, train_data, test_data) -> list[dict]:
+def train_comparison(config: Config, init_weights, train_data, test_data) -> list[dict]:
     """Part 2: iMAML-HF with and without line search, same init and episodes."""
     rows = []
     for use_line_search in (True, False):
@@ -280,11 +278,7 @@ def train_comparison(config: StudyConfig, init_weights, train_data, test_data) -
             use_line_search=use_line_search,
             on_failure=config.on_failure,
         )
-        meta.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["sparse_categorical_accuracy"],
-        )
+        fewshot.compile_meta(meta)
         train_episodes = _episodes(
             config,
             train_data,
@@ -326,18 +320,13 @@ def train_comparison(config: StudyConfig, init_weights, train_data, test_data) -
     return rows
 
 
-def _random_learner(config: StudyConfig) -> keras.Model:
-    return tf_imaml.models.conv4_classifier(
-        config.ways, input_shape=(config.image_size,) * 2 + (1,), filters=config.filters
-    )
+def _random_learner(config: Config) -> keras.Model:
+    return fewshot.learner(ways=config.ways, image_size=config.image_size, filters=config.filters)
 
 
-def run(config: StudyConfig) -> dict:
+def run(config: Config) -> dict:
     """Runs both parts and writes the md/json/png; returns the results."""
-    config.validate()
-    out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tf.config.experimental.enable_op_determinism()
+    out = harness.output_folder(config, deterministic=True)
     test_data = tf_imaml.datasets.load_omniglot("test", image_size=config.image_size)
     keras.utils.set_random_seed(config.seed)
     random_learner = _random_learner(config)
@@ -361,20 +350,24 @@ def run(config: StudyConfig) -> dict:
     return _write(config, out, traces, training)
 
 
-def _write(config: StudyConfig, out: pathlib.Path, traces: list, training: list) -> dict:
+def _write(config: Config, out: pathlib.Path, traces: list, training: list) -> dict:
     results = {
         "config": dataclasses.asdict(config),
         "status_names": list(hessian_free.STEP_STATUS_NAMES),
         "traces": traces,
         "training": training,
     }
-    reporting.write_json(out / f"{NAME}.json", results)
-    (out / f"{NAME}.md").write_text(_markdown(config, traces, training))
-    _plot(config, traces, out / f"{NAME}.png")
+    reporting.write(
+        out,
+        NAME,
+        markdown=_markdown(config, traces, training),
+        data=results,
+        figures={f"{NAME}.png": _plot(config, traces)},
+    )
     return results
 
 
-def _markdown(config: StudyConfig, traces: list[dict], training: list[dict]) -> str:
+def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
     setting = (
         f"Omniglot {config.ways}-way {config.shots}-shot test tasks ({config.tasks} tasks, "
         f"seed {config.seed + 2}, {config.queries} queries per class), "
@@ -460,7 +453,7 @@ def _markdown(config: StudyConfig, traces: list[dict], training: list[dict]) -> 
     return "\n".join(lines)
 
 
-def _plot(config: StudyConfig, traces: list[dict], path: pathlib.Path) -> None:
+def _plot(config: Config, traces: list[dict]):
     plt = reporting.pyplot()
     weights = list(dict.fromkeys(r["weights"] for r in traces))
     fig, axes = plt.subplots(
@@ -487,77 +480,8 @@ def _plot(config: StudyConfig, traces: list[dict], path: pathlib.Path) -> None:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    reporting.save_figure(fig, path)
-
-
-def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script: tests import this file)."""
-    flags.DEFINE_string("output_dir", "runs/study_line_search", "Where results go.")
-    flags.DEFINE_list("weights", list(WEIGHTS), "Where theta is: shipped, random.")
-    flags.DEFINE_list("lams", ["0.5", "2", "10"], "Proximal strengths lambda.")
-    flags.DEFINE_integer("newton_steps", 10, "Newton steps traced.", lower_bound=1)
-    flags.DEFINE_integer("cg_steps", 5, "CG iterations per Newton step.", lower_bound=1)
-    flags.DEFINE_integer("tasks", 40, "Test tasks for part 1.", lower_bound=1)
-    flags.DEFINE_integer(
-        "train_meta_steps", 40, "Meta-steps of each part-2 run (0: no training).", lower_bound=0
-    )
-    flags.DEFINE_integer(
-        "train_newton_steps", 3, "Newton steps per task in part-2 training.", lower_bound=1
-    )
-    flags.DEFINE_float("train_lam", 2.0, "lambda of the part-2 training.")
-    flags.DEFINE_integer("meta_batch_size", 8, "Part-2 tasks per meta-step.")
-    flags.DEFINE_enum(
-        "on_failure",
-        "first_order",
-        ["drop", "first_order", "zero"],
-        "Part 2: what a task whose meta-gradient solve failed contributes (see MetaLearner).",
-    )
-    flags.DEFINE_integer("test_tasks", 100, "Part-2 test tasks.", lower_bound=2)
-    flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
-    flags.DEFINE_integer("image_size", 28, "Image side (shipped weights: 28).")
-    flags.DEFINE_integer("filters", 64, "Channels of the random-init conv net.")
-    flags.DEFINE_string("pretrained", str(PRETRAINED), "The shipped model.")
-    flags.DEFINE_integer("seed", 0, "Seed of the random init and of the episodes.")
-    flags.DEFINE_bool(
-        "tiny", False, "A smoke run: random weights, 14x14 images, 8 filters, 4 tasks, 2 steps."
-    )
-
-
-def main(argv):
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.tiny:
-        config = tiny_config(FLAGS.output_dir)
-    else:
-        config = StudyConfig(
-            output_dir=FLAGS.output_dir,
-            weights=tuple(FLAGS.weights),
-            lams=tuple(float(v) for v in FLAGS.lams),
-            newton_steps=FLAGS.newton_steps,
-            cg_steps=FLAGS.cg_steps,
-            tasks=FLAGS.tasks,
-            train_meta_steps=FLAGS.train_meta_steps,
-            train_newton_steps=FLAGS.train_newton_steps,
-            train_lam=FLAGS.train_lam,
-            meta_batch_size=FLAGS.meta_batch_size,
-            on_failure=FLAGS.on_failure,
-            test_tasks=FLAGS.test_tasks,
-            queries=FLAGS.queries,
-            image_size=FLAGS.image_size,
-            filters=FLAGS.filters,
-            pretrained=FLAGS.pretrained,
-            seed=FLAGS.seed,
-        )
-    try:
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    start = time.time()
-    run(config)
-    print(f"done in {time.time() - start:.0f} s; results in {config.output_dir}/{NAME}.md")
+    return fig
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    harness.main(Config, run, tiny=TINY)

@@ -1,8 +1,7 @@
-"""Plain helpers for scripts that write results: Markdown tables, JSON, PNG plots, CIs.
+"""The studies' one writer: Markdown tables, JSON with every number, PNG figures, CIs.
 
-The study and benchmark scripts write a Markdown table, a JSON file with every number, and
-PNG plots into an output folder; these helpers keep that uniform. Nothing here touches
-TensorFlow.
+Every study writes `<name>.md`, `<name>.json` and its figures into its output folder through
+`write`; tables come from `markdown_table`. Nothing here touches TensorFlow.
 """
 
 from __future__ import annotations
@@ -88,3 +87,31 @@ def save_figure(fig, path: pathlib.Path, *, dpi: int = 110) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def write(
+    folder: pathlib.Path,
+    name: str,
+    *,
+    markdown: str | None = None,
+    data=None,
+    figures: dict | None = None,
+    dpi: int = 110,
+) -> None:
+    """Writes `<name>.md`, `<name>.json` (with `write_json`) and figures into `folder`.
+
+    Args:
+      folder: The output folder (it must exist).
+      name: The file stem of the Markdown and JSON files.
+      markdown: The Markdown text, written as is (None: no Markdown file).
+      data: What goes into the JSON file (None: no JSON file).
+      figures: `{file name: matplotlib figure}`, each saved (and closed) at `dpi`.
+      dpi: Resolution of the figures. Default value: 110.
+    """
+    folder = pathlib.Path(folder)
+    if markdown is not None:
+        (folder / f"{name}.md").write_text(markdown)
+    if data is not None:
+        write_json(folder / f"{name}.json", data)
+    for file_name, fig in (figures or {}).items():
+        save_figure(fig, folder / file_name, dpi=dpi)

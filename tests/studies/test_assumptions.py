@@ -1,10 +1,7 @@
-"""scripts/study_assumptions.py at a tiny size: files, table rows and real properties."""
+"""scripts/studies/assumptions.py at a tiny size: files, table rows and real properties."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -12,24 +9,9 @@ import pytest
 # Slow: runs the study at a tiny size (meta-training included).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "study_assumptions", ROOT / "scripts" / "study_assumptions.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_study_writes_tables_plots_and_consistent_counts(tmp_path):
-    study = _load_script()
-    config = dataclasses.replace(
-        study.Config(**study.TINY), output_dir=str(tmp_path), verbose=False
-    )
+def test_tiny_study_writes_tables_plots_and_consistent_counts(study, tiny, tmp_path, assert_png):
+    config = tiny(verbose=False)
     summary = study.run(config)
     md = (tmp_path / "study_assumptions.md").read_text()
     assert "3 GD steps of 0.1" in md  # the header states the setting
@@ -37,7 +19,7 @@ def test_tiny_study_writes_tables_plots_and_consistent_counts(tmp_path):
         for lam in ("0.5", "10"):
             assert f"| {checkpoint} | {lam} | 2 |" in md
     for name in summary["plots"]:
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_png(tmp_path / name)
     saved = json.loads((tmp_path / "study_assumptions.json").read_text())
     assert len(saved["rows"]) == 4
     rows = {(r["checkpoint"], r["lam"]): r for r in saved["rows"]}
@@ -60,8 +42,7 @@ def test_tiny_study_writes_tables_plots_and_consistent_counts(tmp_path):
         assert small["not_delta_stationary"] == np.mean(~(rel <= config.delta))
 
 
-def test_tiny_mini_imagenet_study_and_models_that_do_not_fit(tiny_mini_imagenet, tmp_path):
-    study = _load_script()
+def test_tiny_mini_imagenet_study_and_models_that_do_not_fit(study, tiny_mini_imagenet, tmp_path):
     config = study.Config(
         output_dir=str(tmp_path),
         dataset="mini_imagenet",
