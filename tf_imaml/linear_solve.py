@@ -45,12 +45,6 @@ class LinearSolveResult(NamedTuple):
     failed: tf.Tensor  # bool: residual > max_residual, negative curvature, or non-finite x.
 
 
-def _check_options(tol, max_iter, max_residual):
-    checks.check_non_negative("tol", tol)
-    checks.check_non_negative("max_iter", max_iter)
-    checks.check_positive("max_residual", max_residual)
-
-
 def _finish(
     solution, num_iterations, residual_norm, b_norm, negative_curvature, breakdown, max_residual
 ):
@@ -61,16 +55,47 @@ def _finish(
     return LinearSolveResult(solution, num_iterations, relative, negative_curvature, failed)
 
 
-def solve_cg(
-    matvec_fn: MatvecFn,
-    b: tree.Params,
-    *,
-    x0: tree.Params | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 20,
-    max_residual: float = 1.0,
-    name: str | None = None,
-) -> LinearSolveResult:
+def _linear_solver(default_name: str):
+    """Gives a solver core the shared signature, with its defaults in this one place.
+
+    The returned `solve(matvec_fn, b, *, x0=None, tol=1e-5, max_iter=20, max_residual=1.0,
+    name=None)` checks the options, opens the name scope (`default_name` unless `name` is
+    given), converts `b` to tensors and `x0` to `b`'s dtype after checking that it matches
+    `b`, then returns `core(matvec_fn, b, x0, tol, max_iter, max_residual)`. It carries
+    the core's docstring.
+    """
+
+    def decorate(core):
+        def solve(
+            matvec_fn: MatvecFn,
+            b: tree.Params,
+            *,
+            x0: tree.Params | None = None,
+            tol: float = 1e-5,
+            max_iter: int = 20,
+            max_residual: float = 1.0,
+            name: str | None = None,
+        ) -> LinearSolveResult:
+            checks.check_non_negative("tol", tol)
+            checks.check_non_negative("max_iter", max_iter)
+            checks.check_positive("max_residual", max_residual)
+            with tf.name_scope(name or default_name):
+                b = tree.convert(b)
+                if x0 is not None:
+                    tree.assert_same_structure(b, x0, what="b and x0")
+                    x0 = tree.convert(x0, tree.as_list(b)[0].dtype)
+                return core(matvec_fn, b, x0, tol, max_iter, max_residual)
+
+        solve.__name__ = solve.__qualname__ = default_name
+        solve.__module__ = core.__module__
+        solve.__doc__ = core.__doc__
+        return solve
+
+    return decorate
+
+
+@_linear_solver("solve_cg")
+def solve_cg(matvec_fn, b, x0, tol, max_iter, max_residual) -> LinearSolveResult:
     """Conjugate gradient over parameter structures, stopping on non-positive curvature.
 
     Solves `A x_t = b_t` for every task `t` (Hestenes & Stiefel 1952). A task stops when
@@ -94,57 +119,53 @@ def solve_cg(
     Raises:
       ValueError: If `x0` does not match `b`, or an option is out of range.
     """
-    _check_options(tol, max_iter, max_residual)
-    with tf.name_scope(name or "solve_cg"):
-        b = tree.convert(b)
-        dtype = tree.as_list(b)[0].dtype
-        if x0 is None:
-            x, r = tree.zeros_like(b), b
-        else:
-            tree.assert_same_structure(b, x0, what="b and x0")
-            x = tree.convert(x0, dtype)
-            r = tree.sub(b, matvec_fn(x))
-        b_norm = tree.norm(b)
-        threshold = tree.cast(tol, dtype) * b_norm
-        gamma = tree.sq_norm(r)
-        active = (tf.sqrt(gamma) > threshold) & tf.math.is_finite(gamma)
-        num_tasks = tf.shape(gamma)[0]
-        iterations = tf.zeros([num_tasks], tf.int32)
-        negative = tf.zeros([num_tasks], tf.bool)
-        breakdown = tf.zeros([num_tasks], tf.bool)
-        zero, one = tf.zeros_like(gamma), tf.ones_like(gamma)
+    dtype = tree.as_list(b)[0].dtype
+    if x0 is None:
+        x, r = tree.zeros_like(b), b
+    else:
+        x, r = x0, tree.sub(b, matvec_fn(x0))
+    b_norm = tree.norm(b)
+    threshold = tree.cast(tol, dtype) * b_norm
+    gamma = tree.sq_norm(r)
+    active = (tf.sqrt(gamma) > threshold) & tf.math.is_finite(gamma)
+    num_tasks = tf.shape(gamma)[0]
+    iterations = tf.zeros([num_tasks], tf.int32)
+    negative = tf.zeros([num_tasks], tf.bool)
+    breakdown = tf.zeros([num_tasks], tf.bool)
+    zero, one = tf.zeros_like(gamma), tf.ones_like(gamma)
 
-        def cond(i, x, r, p, gamma, active, iterations, negative, breakdown):
-            return (i < max_iter) & tf.reduce_any(active)
+    def cond(i, x, r, p, gamma, active, iterations, negative, breakdown):
+        return (i < max_iter) & tf.reduce_any(active)
 
-        def body(i, x, r, p, gamma, active, iterations, negative, breakdown):
-            ap = matvec_fn(p)
-            curvature = tree.vdot(p, ap)
-            bad = active & ~(curvature > 0)  # catches NaN curvature too
-            step = active & ~bad
-            alpha = tf.where(step, gamma / tf.where(step, curvature, one), zero)
-            x = tree.axpy(alpha, p, x)
-            r = tree.axpy(-alpha, ap, r)
-            gamma_new = tree.sq_norm(r)
-            beta = tf.where(step, gamma_new / tf.where(step, gamma, one), zero)
-            p = tree.where_tasks(step, tree.axpy(beta, p, r), p)
-            gamma = tf.where(step, gamma_new, gamma)
-            iterations += tf.cast(step, tf.int32)
-            negative |= bad & tf.math.is_finite(curvature)
-            breakdown |= bad | (step & ~tf.math.is_finite(gamma_new))
-            active = step & (tf.sqrt(gamma_new) > threshold)
-            return i + 1, x, r, p, gamma, active, iterations, negative, breakdown
+    def body(i, x, r, p, gamma, active, iterations, negative, breakdown):
+        ap = matvec_fn(p)
+        curvature = tree.vdot(p, ap)
+        bad = active & ~(curvature > 0)  # catches NaN curvature too
+        step = active & ~bad
+        alpha = tf.where(step, gamma / tf.where(step, curvature, one), zero)
+        x = tree.axpy(alpha, p, x)
+        r = tree.axpy(-alpha, ap, r)
+        gamma_new = tree.sq_norm(r)
+        beta = tf.where(step, gamma_new / tf.where(step, gamma, one), zero)
+        p = tree.where_tasks(step, tree.axpy(beta, p, r), p)
+        gamma = tf.where(step, gamma_new, gamma)
+        iterations += tf.cast(step, tf.int32)
+        negative |= bad & tf.math.is_finite(curvature)
+        breakdown |= bad | (step & ~tf.math.is_finite(gamma_new))
+        active = step & (tf.sqrt(gamma_new) > threshold)
+        return i + 1, x, r, p, gamma, active, iterations, negative, breakdown
 
-        state = (tf.constant(0), x, r, r, gamma, active, iterations, negative, breakdown)
-        _, x, r, _, gamma, _, iterations, negative, breakdown = tf.while_loop(cond, body, state)
-        breakdown |= ~tf.math.is_finite(gamma)
-        return _finish(x, iterations, tf.sqrt(gamma), b_norm, negative, breakdown, max_residual)
+    state = (tf.constant(0), x, r, r, gamma, active, iterations, negative, breakdown)
+    _, x, r, _, gamma, _, iterations, negative, breakdown = tf.while_loop(cond, body, state)
+    breakdown |= ~tf.math.is_finite(gamma)
+    return _finish(x, iterations, tf.sqrt(gamma), b_norm, negative, breakdown, max_residual)
 
 
 class _FlatOperator(tf.linalg.LinearOperator):
     """`[T, N, N]` block operator whose matvec is `matvec_fn` on unflattened parameters.
 
-    A task whose direction has curvature `p.Ap <= 0` gets NaN back (see module docstring).
+    `num_tasks` and `size` are ints or scalar int tensors (where unknown when traced). A
+    task whose direction has curvature `p.Ap <= 0` gets NaN back (see module docstring).
     """
 
     def __init__(self, matvec_fn, like, num_tasks, size, dtype):
@@ -161,7 +182,8 @@ class _FlatOperator(tf.linalg.LinearOperator):
         )
 
     def _shape(self):
-        return tf.TensorShape([tf.get_static_value(self._num_tasks), self._size, self._size])
+        size = tf.get_static_value(self._size)
+        return tf.TensorShape([tf.get_static_value(self._num_tasks), size, size])
 
     def _shape_tensor(self):
         return tf.stack([self._num_tasks, self._size, self._size])
@@ -179,46 +201,37 @@ class _FlatOperator(tf.linalg.LinearOperator):
         return tf.transpose(columns, [1, 2, 0])
 
 
-def solve_cg_tf(
-    matvec_fn: MatvecFn,
-    b: tree.Params,
-    *,
-    x0: tree.Params | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 20,
-    max_residual: float = 1.0,
-    name: str | None = None,
-) -> LinearSolveResult:
+@_linear_solver("solve_cg_tf")
+def solve_cg_tf(matvec_fn, b, x0, tol, max_iter, max_residual) -> LinearSolveResult:
     """Conjugate gradient by `tf.linalg.experimental.conjugate_gradient`.
 
     Same arguments and result as `solve_cg`. Differences: all tasks iterate until every
     task has converged (so `num_iterations` is the same for all), and a task that meets
     curvature `p.Ap <= 0` ends with a NaN solution (flagged `negative_curvature` and
-    `failed`) instead of its last good iterate.
+    `failed`) instead of its last good iterate. The number of tasks may be unknown when
+    traced (a `tf.function` with a `None` task axis): the operator's sizes are then
+    tensors.
     """
-    _check_options(tol, max_iter, max_residual)
-    with tf.name_scope(name or "solve_cg_tf"):
-        b = tree.convert(b)
-        flat_b = tree.flatten_tasks(b)
-        num_tasks = tf.shape(flat_b)[0]
-        size = int(flat_b.shape[-1])
-        operator = _FlatOperator(matvec_fn, b, num_tasks, size, flat_b.dtype)
-        if x0 is not None:
-            tree.assert_same_structure(b, x0, what="b and x0")
-            x0 = tree.flatten_tasks(tree.convert(x0, flat_b.dtype))
-        state = tf.linalg.experimental.conjugate_gradient(
-            operator, flat_b, x=x0, tol=tol, max_iter=max_iter
-        )
-        solution = tree.unflatten_tasks(state.x, b)
-        b_finite = tf.reduce_all(tf.math.is_finite(flat_b), axis=-1)
-        x_finite = tf.reduce_all(tf.math.is_finite(state.x), axis=-1)
-        # NaN can only enter from the poisoned operator once b is finite, unless the
-        # matvec itself overflowed; both mean the operator is unusable for this task.
-        negative = b_finite & ~x_finite
-        iterations = tf.fill([num_tasks], state.i)
-        residual = tf.norm(state.r, axis=-1)
-        b_norm = tf.norm(flat_b, axis=-1)
-        return _finish(solution, iterations, residual, b_norm, negative, ~b_finite, max_residual)
+    flat_b = tree.flatten_tasks(b)
+    num_tasks = tf.shape(flat_b)[0]
+    # Unknown when the number of tasks is: flatten_tasks reshapes to [T, -1].
+    size = flat_b.shape[-1] if flat_b.shape[-1] is not None else tf.shape(flat_b)[-1]
+    operator = _FlatOperator(matvec_fn, b, num_tasks, size, flat_b.dtype)
+    if x0 is not None:
+        x0 = tree.flatten_tasks(x0)
+    state = tf.linalg.experimental.conjugate_gradient(
+        operator, flat_b, x=x0, tol=tol, max_iter=max_iter
+    )
+    solution = tree.unflatten_tasks(state.x, b)
+    b_finite = tf.reduce_all(tf.math.is_finite(flat_b), axis=-1)
+    x_finite = tf.reduce_all(tf.math.is_finite(state.x), axis=-1)
+    # NaN can only enter from the poisoned operator once b is finite, unless the
+    # matvec itself overflowed; both mean the operator is unusable for this task.
+    negative = b_finite & ~x_finite
+    iterations = tf.fill([num_tasks], state.i)
+    residual = tf.norm(state.r, axis=-1)
+    b_norm = tf.norm(flat_b, axis=-1)
+    return _finish(solution, iterations, residual, b_norm, negative, ~b_finite, max_residual)
 
 
 LINEAR_SOLVERS = {"cg": solve_cg, "cg_tf": solve_cg_tf}
