@@ -440,7 +440,7 @@ def test_study1_tanh_and_relu_lbfgs_against_the_committed_md():
     # The tanh command against the settings its .md states.
     ((script, flags),) = [c for c in _commands(text) if "tanh_lr0.01" in c[1]]
     values = dict(re.findall(r"--(\w+)=(\S*)", flags))
-    assert script == "study_gradient_accuracy"
+    assert script == "gradient_accuracy"
     assert values["activation"] == header["activation"] and values["weights"] == header["weights"]
     assert int(values["conv_tasks"]) == int(header["tasks"])
     assert float(values["lam"]) == float(header["lam"])
@@ -1415,13 +1415,13 @@ def test_results_row7():
 # --- the commands: each documented command agrees with the configuration its JSON records ------
 
 _SCRIPT_JSON = {
-    "study_gradient_accuracy": "gradient_accuracy.json",
-    "study_maml_precision": "maml_precision.json",
-    "study_inner_steps": "inner_steps.json",
-    "study_assumptions": "study_assumptions.json",
-    "study_failures": "study_failures.json",
-    "study_line_search": "line_search.json",
-    "study_mini_imagenet": "mini_imagenet.json",
+    "gradient_accuracy": "gradient_accuracy.json",
+    "maml_precision": "maml_precision.json",
+    "inner_steps": "inner_steps.json",
+    "assumptions": "study_assumptions.json",
+    "failures": "study_failures.json",
+    "line_search": "line_search.json",
+    "mini_imagenet": "mini_imagenet.json",
 }
 # Commands that wrote outside docs/: the folder their outputs were copied to.
 _COPIED = {
@@ -1434,7 +1434,7 @@ _NO_JSON = {"docs/studies/gradient_accuracy/tanh_lr0.01"}
 
 def _commands(text):
     joined = re.sub(r" *\\\n\s*", " ", text)
-    return re.findall(r"python scripts/(study_\w+)\.py((?: --\w+=\S*)+)", joined)
+    return re.findall(r"python scripts/studies/(\w+)\.py((?: --\w+=\S*)+)", joined)
 
 
 def _same(flag_value, config_value):
@@ -1476,6 +1476,9 @@ def test_lam_sweep_command_matches_its_json():
     text = (STUDIES_DIR / "failures" / "README.md").read_text()
     section = text[text.index("## A lam sweep in training") :]
     ((script, flags),) = _commands(section)[:1]
-    recorded = SWEEP["command"].removeprefix("python scripts/study_failures.py ").split()
+    # The JSON records the command as it was run, from the study's earlier path.
+    recorded = re.sub(
+        r"^python scripts/(studies/|study_)failures\.py ", "", SWEEP["command"]
+    ).split()
     assert flags.split() == recorded
     assert _check_command(script, flags) >= 8
