@@ -62,22 +62,24 @@ option = harness.option
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_assumptions", "Where results go.")
-    lams: tuple[float, ...] = option((0.5, 1.0, 2.0, 5.0, 10.0), "Proximal strengths lam.")
-    num_tasks: int = option(32, "Tasks per checkpoint and lam.", lower_bound=1)
-    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1)
-    inner_steps: int = option(16, "Inner GD steps K.", lower_bound=1)
+    lams: tuple[float, ...] = option(
+        (0.5, 1.0, 2.0, 5.0, 10.0), "Proximal strengths lam.", tiny=(0.5, 10.0)
+    )
+    num_tasks: int = option(32, "Tasks per checkpoint and lam.", lower_bound=1, tiny=2)
+    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1, tiny=2)
+    inner_steps: int = option(16, "Inner GD steps K.", lower_bound=1, tiny=3)
     inner_learning_rate: float = option(0.1, "Inner GD step size.")
-    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2)
+    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2, tiny=4)
     delta: float = option(0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||.")
-    train_steps: int = option(200, "Meta-steps of the short run.")
-    checkpoint_every: int = option(100, "Meta-steps per checkpoint.")
-    train_meta_batch: int = option(8, "Tasks per meta-step.")
-    pretrained: str = option(str(PRETRAINED), "Shipped model ('' = none).")
+    train_steps: int = option(200, "Meta-steps of the short run.", tiny=1)
+    checkpoint_every: int = option(100, "Meta-steps per checkpoint.", tiny=1)
+    train_meta_batch: int = option(8, "Tasks per meta-step.", tiny=2)
+    pretrained: str = option(str(PRETRAINED), "Shipped model ('' = none).", tiny="")
     image_size: int | None = option(
-        None, "Image side (default 28 for Omniglot, 84 for mini-ImageNet).", lower_bound=8
+        None, "Image side (default 28 for Omniglot, 84 for mini-ImageNet).", lower_bound=8, tiny=14
     )
     filters: int | None = option(
-        None, "Conv filters (default 64, the shipped net; 32 on mini-ImageNet)."
+        None, "Conv filters (default 64, the shipped net; 32 on mini-ImageNet).", tiny=8
     )
     seed: int = option(0, "Seed for weights, tasks and Lanczos.")
     dataset: str = option("omniglot", "Which tasks to measure.", choices=DATASETS)
@@ -122,19 +124,7 @@ class Config:
                 raise ValueError("--dataset=mini_imagenet needs --data_dir")
 
 
-TINY = dict(
-    lams=(0.5, 10.0),
-    num_tasks=2,
-    task_batch=2,
-    inner_steps=3,
-    lanczos_iterations=4,
-    train_steps=1,
-    checkpoint_every=1,
-    train_meta_batch=2,
-    pretrained="",
-    image_size=14,
-    filters=8,
-)
+TINY = harness.tiny_values(Config)
 
 
 def _learner(config: Config) -> keras.Model:
@@ -287,15 +277,9 @@ def measure_all(config: Config, weights: dict, data) -> dict:
     """Per-task diagnostics: {checkpoint: {lam: {name: [num_tasks] list}}}."""
     learner = _learner(config)
     measure = make_measure_fn(learner, config)
+    seed, batch = config.seed + 100, config.task_batch  # the same tasks at every checkpoint
     tasks = list(
-        _episodes(
-            config,
-            data,
-            seed=config.seed + 100,
-            batch=config.task_batch,
-            num_tasks=config.num_tasks,
-            queries=1,
-        )
+        _episodes(config, data, seed=seed, batch=batch, num_tasks=config.num_tasks, queries=1)
     )
     results, start = {}, time.time()
     for name, theta in weights.items():
@@ -406,7 +390,7 @@ def plot(config: Config, results: dict) -> dict:
 
 
 def run(config: Config) -> dict:
-    """Runs the study; writes the Markdown table, JSON and plots; returns the summary."""
+    """Measures every checkpoint at every lam; writes the table, JSON and histograms."""
     out = harness.output_folder(config, deterministic=True)
     start = time.time()
     pretrained = _load_pretrained(config)  # before any work: a model that does not fit fails

@@ -104,25 +104,27 @@ RUNS = {
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_failures", "Where results go.")
-    cases: tuple[Case, ...] = option(CASES, "Failure-map cases.", flag=False)
-    num_tasks: int = option(32, "Tasks per failure-map case.", lower_bound=1)
-    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1)
-    cg_steps: int = option(5, "CG iterations.", lower_bound=1)
-    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2)
+    cases: tuple[Case, ...] = option(CASES, "Failure-map cases.", flag=False, tiny=TINY_CASES)
+    num_tasks: int = option(32, "Tasks per failure-map case.", lower_bound=1, tiny=2)
+    task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1, tiny=2)
+    cg_steps: int = option(5, "CG iterations.", lower_bound=1, tiny=2)
+    lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2, tiny=4)
     delta: float = option(0.1, "Relative stationarity threshold.")
-    runs: tuple[str, ...] = option(tuple(RUNS), "Training runs compared.")
-    meta_steps: int = option(150, "Meta-steps per training run.")
-    steps_per_epoch: int = option(50, "Meta-steps per epoch.")
-    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1)
-    inner_steps: int = option(16, "Inner steps of the runs.")
+    runs: tuple[str, ...] = option(
+        tuple(RUNS), "Training runs compared.", tiny=("imaml_drop", "fomaml")
+    )
+    meta_steps: int = option(150, "Meta-steps per training run.", tiny=2)
+    steps_per_epoch: int = option(50, "Meta-steps per epoch.", tiny=1)
+    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1, tiny=2)
+    inner_steps: int = option(16, "Inner steps of the runs.", tiny=2)
     inner_learning_rate: float = option(0.1, "Inner step size of the runs.")
-    test_tasks: int = option(200, "Test tasks per run.", lower_bound=2)
-    guard_learning_rate: float = option(5.0, "Inner lr of the diverging run.")
-    guard_steps: int = option(10, "Meta-steps of the diverging run.")
-    pretrained: str = option(str(PRETRAINED), "Map at this model ('' = init).")
+    test_tasks: int = option(200, "Test tasks per run.", lower_bound=2, tiny=4)
+    guard_learning_rate: float = option(5.0, "Inner lr of the diverging run.", tiny=50.0)
+    guard_steps: int = option(10, "Meta-steps of the diverging run.", tiny=2)
+    pretrained: str = option(str(PRETRAINED), "Map at this model ('' = init).", tiny="")
     train_from: str = option("init", "Start of the training runs.", choices=("init", "pretrained"))
-    image_size: int = option(28, "Image side.", lower_bound=8)
-    filters: int = option(64, "Conv filters.", lower_bound=1)
+    image_size: int = option(28, "Image side.", lower_bound=8, tiny=14)
+    filters: int = option(64, "Conv filters.", lower_bound=1, tiny=8)
     seed: int = option(0, "Seed for weights, episodes and Lanczos.")
     verbose: bool = option(True, "Print progress.", flag=False)
 
@@ -142,24 +144,7 @@ class Config:
             raise ValueError("the shipped model needs --image_size=28 --filters=64")
 
 
-TINY = dict(
-    cases=TINY_CASES,
-    num_tasks=2,
-    task_batch=2,
-    cg_steps=2,
-    lanczos_iterations=4,
-    runs=("imaml_drop", "fomaml"),
-    meta_steps=2,
-    steps_per_epoch=1,
-    meta_batch_size=2,
-    inner_steps=2,
-    test_tasks=4,
-    guard_learning_rate=50.0,
-    guard_steps=2,
-    pretrained="",
-    image_size=14,
-    filters=8,
-)
+TINY = harness.tiny_values(Config)
 
 
 def _learner(config: Config) -> keras.Model:
@@ -234,15 +219,8 @@ def make_case_fn(learner: keras.Model, config: Config):
 def failure_map(config: Config, theta: list[np.ndarray], data) -> list[dict]:
     """One row per case: counts over `num_tasks` training tasks."""
     case_fn = make_case_fn(_learner(config), config)
-    tasks = list(
-        _episodes(
-            config,
-            data,
-            seed=config.seed + 100,
-            batch=config.task_batch,
-            num_tasks=config.num_tasks,
-        )
-    )
+    seed, batch = config.seed + 100, config.task_batch  # the same tasks for every case
+    tasks = list(_episodes(config, data, seed=seed, batch=batch, num_tasks=config.num_tasks))
     theta = [tf.constant(w) for w in theta]
     rows, start = [], time.time()
     for case in config.cases:
@@ -461,39 +439,6 @@ def plot(config: Config, map_rows, run_rows) -> dict:
     return figures
 
 
-def run(config: Config) -> dict:
-    """Runs the study; writes the Markdown tables, JSON and plots; returns the summary."""
-    out = harness.output_folder(config, deterministic=True)
-    start = time.time()
-    data = {
-        s: tf_imaml.datasets.load_omniglot(s, image_size=config.image_size)
-        for s in ("train", "test")
-    }
-    init = _learner(config).get_weights()
-    if config.pretrained:
-        shipped_learner = keras.models.load_model(config.pretrained).learner
-        shipped = shipped_learner.get_weights()
-        theta = [v.numpy() for v in shipped_learner.trainable_variables]
-        theta_name = "the shipped model"
-    else:
-        theta, theta_name = init, "the random initialisation"
-    harness.log(config.verbose, f"failure map at {theta_name} ...")
-    map_rows = failure_map(config, theta, data["train"])
-    start_weights = shipped if config.train_from == "pretrained" else init
-    start_name = theta_name if config.train_from == "pretrained" else "the random initialisation"
-    harness.log(config.verbose, "diverging run under DivergenceGuard ...")
-    guard = guard_demo(config, start_weights, data["train"])
-    run_rows = []
-    # The report is written now and after every run, so that a run cut short keeps the rest.
-    summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
-    harness.log(config.verbose, f"training runs from {start_name} ...")
-    for name in config.runs:
-        run_rows += train_runs(dataclasses.replace(config, runs=(name,)), start_weights, data)
-        summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
-    harness.log(config.verbose, f"done in {summary['seconds']:.0f} s; results in {out}")
-    return summary
-
-
 def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start):
     """Writes the Markdown tables, JSON and plots of what is done so far; returns the JSON."""
     seconds = time.time() - start
@@ -559,6 +504,36 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         "seconds": round(seconds, 1),
     }
     reporting.write(out, "study_failures", markdown=markdown, data=summary, figures=figures, dpi=80)
+    return summary
+
+
+def run(config: Config) -> dict:
+    """Maps the failures, runs the guard demo, then trains the runs (report after each)."""
+    out = harness.output_folder(config, deterministic=True)
+    start = time.time()
+    data = fewshot.load_omniglot_splits(config.image_size)
+    init = _learner(config).get_weights()
+    if config.pretrained:
+        shipped_learner = keras.models.load_model(config.pretrained).learner
+        shipped = shipped_learner.get_weights()
+        theta = [v.numpy() for v in shipped_learner.trainable_variables]
+        theta_name = "the shipped model"
+    else:
+        theta, theta_name = init, "the random initialisation"
+    harness.log(config.verbose, f"failure map at {theta_name} ...")
+    map_rows = failure_map(config, theta, data["train"])
+    start_weights = shipped if config.train_from == "pretrained" else init
+    start_name = theta_name if config.train_from == "pretrained" else "the random initialisation"
+    harness.log(config.verbose, "diverging run under DivergenceGuard ...")
+    guard = guard_demo(config, start_weights, data["train"])
+    run_rows = []
+    # The report is written now and after every run, so that a run cut short keeps the rest.
+    summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
+    harness.log(config.verbose, f"training runs from {start_name} ...")
+    for name in config.runs:
+        run_rows += train_runs(dataclasses.replace(config, runs=(name,)), start_weights, data)
+        summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
+    harness.log(config.verbose, f"done in {summary['seconds']:.0f} s; results in {out}")
     return summary
 
 

@@ -8,6 +8,9 @@ from-logits cross-entropy every study trains with.
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple
+
 import harness  # noqa: F401  (sets TensorFlow's log level and data paths first)
 import keras
 import numpy as np
@@ -51,6 +54,19 @@ def episodes(
     )
 
 
+def config_episodes(config, data, *, seed: int, num_tasks: int | None, batch: int):
+    """`episodes` of Omniglot tasks shaped as `config.ways`, `config.shots`, `config.queries` say."""
+    return episodes(
+        data,
+        ways=config.ways,
+        shots=config.shots,
+        queries=config.queries,
+        batch=batch,
+        seed=seed,
+        num_tasks=num_tasks,
+    )
+
+
 def learner(
     *,
     ways: int,
@@ -83,6 +99,27 @@ def compile_meta(meta, *, learning_rate: float = 1e-3, metrics=("sparse_categori
         metrics=None if metrics is None else list(metrics),
     )
     return meta
+
+
+class TrainResult(NamedTuple):
+    """What one meta-training run returns."""
+
+    history: dict  # Keras history: metric name -> value per epoch.
+    seconds: float  # Wall-clock seconds of the run.
+
+
+def meta_train(meta, episodes, *, meta_steps: int, callbacks=None, verbose=0) -> TrainResult:
+    """`meta.fit` for `meta_steps` meta-steps in one epoch, timed."""
+    start = time.time()
+    history = meta.fit(
+        episodes, epochs=1, steps_per_epoch=meta_steps, verbose=verbose, callbacks=callbacks
+    )
+    return TrainResult(history.history, time.time() - start)
+
+
+def load_omniglot_splits(image_size: int, splits=("train", "test")) -> dict:
+    """`{split: Omniglot images at image_size}` for each split."""
+    return {s: tf_imaml.datasets.load_omniglot(s, image_size=image_size) for s in splits}
 
 
 def pretrained_weights(path) -> list[np.ndarray]:

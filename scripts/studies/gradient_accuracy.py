@@ -69,23 +69,25 @@ option = harness.option
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_gradient_accuracy", "Where to write results.")
-    inner_steps: tuple[int, ...] = option((1, 2, 5, 10, 16, 25, 50, 100), "Inner steps K.")
-    cg_steps: tuple[int, ...] = option((1, 2, 5, 10, 20), "CG steps C.")
-    ridge_tasks: int = option(32, "Ridge regression tasks (closed-form target).")
-    ridge_dim: int = option(20, "Ridge parameters d.")
-    ridge_support: int = option(10, "Ridge support points per task.")
-    ridge_query: int = option(20, "Ridge query points per task.")
-    ridge_lam: float = option(1.0, "Proximal strength (ridge).")
-    ridge_learning_rate: float = option(0.1, "Inner GD step (ridge).")
-    weights: tuple[str, ...] = option(
-        WEIGHTS, "Conv-net weights: pretrained and/or random (or none)."
+    inner_steps: tuple[int, ...] = option(
+        (1, 2, 5, 10, 16, 25, 50, 100), "Inner steps K.", tiny=(1, 5, 40)
     )
-    conv_tasks: int = option(8, "Omniglot tasks.")
+    cg_steps: tuple[int, ...] = option((1, 2, 5, 10, 20), "CG steps C.", tiny=(1, 3, 10))
+    ridge_tasks: int = option(32, "Ridge regression tasks (closed-form target).", tiny=8)
+    ridge_dim: int = option(20, "Ridge parameters d.", tiny=6)
+    ridge_support: int = option(10, "Ridge support points per task.", tiny=4)
+    ridge_query: int = option(20, "Ridge query points per task.", tiny=8)
+    ridge_lam: float = option(1.0, "Proximal strength (ridge).")
+    ridge_learning_rate: float = option(0.1, "Inner GD step (ridge).", tiny=0.1)
+    weights: tuple[str, ...] = option(
+        WEIGHTS, "Conv-net weights: pretrained and/or random (or none).", tiny=("random",)
+    )
+    conv_tasks: int = option(8, "Omniglot tasks.", tiny=2)
     lam: float = option(2.0, "Proximal strength on the conv net.")
     inner_learning_rate: float = option(0.1, "Inner GD step on the conv net.")
-    queries: int = option(15, "Query examples per class (conv net).")
-    image_size: int = option(28, "Image side (conv net).")
-    filters: int = option(64, "Conv filters.")
+    queries: int = option(15, "Query examples per class (conv net).", tiny=2)
+    image_size: int = option(28, "Image side (conv net).", tiny=14)
+    filters: int = option(64, "Conv filters.", tiny=4)
     activation: str = option(
         "relu", "Activation of the random-init conv net (Keras name); the shipped one is ReLU."
     )
@@ -95,9 +97,9 @@ class Config:
         choices=REFERENCE_SOLVERS,
     )
     reference_inner_steps: int = option(
-        2000, "GD steps (or L-BFGS iterations at most) of the reference."
+        2000, "GD steps (or L-BFGS iterations at most) of the reference.", tiny=300
     )
-    reference_cg_steps: int = option(300, "CG steps of the reference.")
+    reference_cg_steps: int = option(300, "CG steps of the reference.", tiny=100)
     maml_task_chunk: int = option(
         2, "Conv-net tasks unrolled together by MAML (its memory grows with K)."
     )
@@ -146,22 +148,7 @@ class Config:
             ) from None
 
 
-TINY = dict(
-    inner_steps=(1, 5, 40),
-    cg_steps=(1, 3, 10),
-    ridge_tasks=8,
-    ridge_dim=6,
-    ridge_support=4,
-    ridge_query=8,
-    ridge_learning_rate=0.1,
-    weights=("random",),
-    conv_tasks=2,
-    queries=2,
-    image_size=14,
-    filters=4,
-    reference_inner_steps=300,
-    reference_cg_steps=100,
-)
+TINY = harness.tiny_values(Config)
 
 
 # --------------------------------------------------------------------------- problems

@@ -1,15 +1,14 @@
 """The studies' harness: flags generated from a config dataclass, one `--tiny` rule, one main.
 
-A study is a frozen dataclass `Config` (each field declared once with `option`, its help text
-in the field's metadata), a `TINY` dict of field overrides for a seconds-long smoke run, and
-a function `run(config) -> results` that writes its Markdown, JSON and figures through
-`reporting.write`. `main(Config, run, tiny=TINY)` does the rest:
+A study is a frozen dataclass `Config` (each field declared once with `option`: its default,
+its help text and its value for a seconds-long smoke run, `tiny=`), and a function `run(config) -> results` that writes its Markdown, JSON and figures through
+`reporting.write`. `main(Config, run, tiny=tiny_values(Config))` does the rest:
 
 - one absl flag per field, its type read from the annotation: `bool`, `int`, `float`, `str`
   (an enum when the field names its `choices`), any of these or `None`, and `tuple[...]` of
   `int`, `float` or `str` as a comma-separated list (empty items dropped). Fields declared
   with `flag=False` have no flag.
-- `--tiny`: the study's `TINY` overrides replace the defaults; a flag given explicitly on
+- `--tiny`: the fields' `tiny=` values replace their defaults; a flag given explicitly on
   the command line still wins over both.
 - `config.validate()` before any work; its `ValueError` becomes a usage error.
 
@@ -40,10 +39,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRETRAINED = ROOT / "tf_imaml" / "pretrained" / "omniglot_5way_1shot.keras"
 
 
-def option(default, help: str, *, choices=None, lower_bound=None, flag: bool = True):  # noqa: A002
-    """A config field with its flag's help text (and enum `choices`, integer `lower_bound`)."""
+_NOT_TINY = object()
+
+
+def option(
+    default,
+    help: str,  # noqa: A002
+    *,
+    tiny=_NOT_TINY,
+    choices=None,
+    lower_bound=None,
+    flag: bool = True,
+):
+    """A config field: its default, its flag's help text and, if given, its `--tiny` value.
+
+    Args:
+      default: The field's default (and its flag's).
+      help: The flag's help text.
+      tiny: The value under `--tiny` (not given: the default).
+      choices: The allowed values of a `str` field (its flag is then an enum).
+      lower_bound: The smallest value an `int` flag accepts.
+      flag: Whether the field has a flag at all.
+    """
     metadata = {"help": help, "choices": choices, "lower_bound": lower_bound, "flag": flag}
+    if tiny is not _NOT_TINY:
+        metadata["tiny"] = tiny
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def tiny_values(config_cls) -> dict:
+    """`{field: value}` of the fields whose `option` names a `--tiny` value."""
+    return {
+        f.name: f.metadata["tiny"] for f in dataclasses.fields(config_cls) if "tiny" in f.metadata
+    }
 
 
 def _flag_fields(config_cls) -> list[tuple[dataclasses.Field, type]]:

@@ -42,18 +42,22 @@ option = harness.option
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_inner_steps", "Where results go.")
-    imaml_train_steps: tuple[int, ...] = option((1, 5, 16), "iMAML-GD K_train values.")
-    maml_train_steps: tuple[int, ...] = option((1, 5), "Second-order MAML K_train values.")
+    imaml_train_steps: tuple[int, ...] = option((1, 5, 16), "iMAML-GD K_train values.", tiny=(1,))
+    maml_train_steps: tuple[int, ...] = option(
+        (1, 5), "Second-order MAML K_train values.", tiny=(1,)
+    )
     fomaml_train_steps: tuple[int, ...] = option((), "First-order MAML K_train values.")
-    test_steps: tuple[int, ...] = option((0, 1, 2, 5, 10, 16, 25, 50), "K_test values.")
-    meta_steps: int = option(150, "Meta-steps per model.", lower_bound=1)
-    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1)
-    test_tasks: int = option(200, "Test tasks.", lower_bound=2)
+    test_steps: tuple[int, ...] = option(
+        (0, 1, 2, 5, 10, 16, 25, 50), "K_test values.", tiny=(0, 3)
+    )
+    meta_steps: int = option(150, "Meta-steps per model.", lower_bound=1, tiny=2)
+    meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1, tiny=2)
+    test_tasks: int = option(200, "Test tasks.", lower_bound=2, tiny=4)
     ways: int = option(5, "Classes per task.", lower_bound=2)
     shots: int = option(1, "Support examples per class.", lower_bound=1)
-    queries: int = option(15, "Query examples per class.", lower_bound=1)
-    image_size: int = option(28, "Image side.", lower_bound=8)
-    filters: int = option(64, "Channels of the conv net.", lower_bound=1)
+    queries: int = option(15, "Query examples per class.", lower_bound=1, tiny=3)
+    image_size: int = option(28, "Image side.", lower_bound=8, tiny=14)
+    filters: int = option(64, "Channels of the conv net.", lower_bound=1, tiny=8)
     lam: float = option(2.0, "iMAML proximal strength lambda.")
     imaml_inner_learning_rate: float = option(0.1, "iMAML inner GD step size.")
     maml_inner_learning_rate: float = option(
@@ -72,7 +76,7 @@ class Config:
         str(PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
     )
     seed: int = option(0, "Seed of the initial weights and training episodes.")
-    log_every: int = option(25, "Print progress every this many steps.")
+    log_every: int = option(25, "Print progress every this many steps.", tiny=1)
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -95,18 +99,7 @@ class Config:
             raise ValueError(f"--pretrained {self.pretrained} is not a file")
 
 
-TINY = dict(
-    imaml_train_steps=(1,),
-    maml_train_steps=(1,),
-    test_steps=(0, 3),
-    meta_steps=2,
-    meta_batch_size=2,
-    test_tasks=4,
-    queries=3,
-    image_size=14,
-    filters=8,
-    log_every=1,
-)
+TINY = harness.tiny_values(Config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,16 +138,7 @@ class _Progress(keras.callbacks.Callback):
         )
 
 
-def _episodes(config: Config, data, *, seed: int, num_tasks: int | None, batch: int):
-    return fewshot.episodes(
-        data,
-        ways=config.ways,
-        shots=config.shots,
-        queries=config.queries,
-        batch=batch,
-        seed=seed,
-        num_tasks=num_tasks,
-    )
+_episodes = fewshot.config_episodes
 
 
 def _build(config: Config, spec: ModelSpec, learner: keras.Model):
@@ -244,22 +228,14 @@ def run(config: Config, *, verbose: bool = True) -> dict:
         learner = keras.models.clone_model(base)
         learner.set_weights(init_weights)
         meta = _build(config, spec, learner)
-        train_episodes = _episodes(
-            config,
-            train_data,
-            seed=config.seed,
-            num_tasks=config.meta_steps * config.meta_batch_size,
-            batch=config.meta_batch_size,
+        steps, batch = config.meta_steps, config.meta_batch_size
+        episodes = _episodes(
+            config, train_data, seed=config.seed, num_tasks=steps * batch, batch=batch
         )
-        start = time.time()
-        history = meta.fit(
-            train_episodes,
-            epochs=1,
-            steps_per_epoch=config.meta_steps,
-            verbose=0,
-            callbacks=[_Progress(spec.label, config.meta_steps, config.log_every)],
+        progress = _Progress(spec.label, config.meta_steps, config.log_every)
+        history, train_seconds = fewshot.meta_train(
+            meta, episodes, meta_steps=steps, callbacks=[progress]
         )
-        train_seconds = time.time() - start
         unadapted = unadapted_accuracy(meta.learner, test_episodes)
         rows = sweep_test_steps(meta, test_episodes, config.test_steps, label=spec.label)
         models.append(
@@ -270,7 +246,7 @@ def run(config: Config, *, verbose: bool = True) -> dict:
                 "meta_steps": config.meta_steps,
                 "train_seconds": round(train_seconds, 1),
                 "seconds_per_meta_step": train_seconds / config.meta_steps,
-                "final_train_logs": {k: float(v[-1]) for k, v in history.history.items()},
+                "final_train_logs": {k: float(v[-1]) for k, v in history.items()},
                 "unadapted_accuracy": float(unadapted.mean()),
                 "unadapted_per_task": unadapted.tolist(),
                 "rows": rows,

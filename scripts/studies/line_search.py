@@ -46,28 +46,30 @@ option = harness.option
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_line_search", "Where results go.")
-    weights: tuple[str, ...] = option(WEIGHTS, "Where theta is: shipped, random.")
-    lams: tuple[float, ...] = option((0.5, 2.0, 10.0), "Proximal strengths lambda.")
-    newton_steps: int = option(10, "Newton steps traced.", lower_bound=1)
-    cg_steps: int = option(5, "CG iterations per Newton step.", lower_bound=1)
-    tasks: int = option(40, "Test tasks for part 1.", lower_bound=1)
+    weights: tuple[str, ...] = option(WEIGHTS, "Where theta is: shipped, random.", tiny=("random",))
+    lams: tuple[float, ...] = option((0.5, 2.0, 10.0), "Proximal strengths lambda.", tiny=(2.0,))
+    newton_steps: int = option(10, "Newton steps traced.", lower_bound=1, tiny=2)
+    cg_steps: int = option(5, "CG iterations per Newton step.", lower_bound=1, tiny=2)
+    tasks: int = option(40, "Test tasks for part 1.", lower_bound=1, tiny=4)
     train_meta_steps: int = option(
-        40, "Meta-steps of each part-2 run (0: no training).", lower_bound=0
+        40, "Meta-steps of each part-2 run (0: no training).", lower_bound=0, tiny=1
     )
-    train_newton_steps: int = option(3, "Newton steps per task in part-2 training.", lower_bound=1)
+    train_newton_steps: int = option(
+        3, "Newton steps per task in part-2 training.", lower_bound=1, tiny=1
+    )
     train_lam: float = option(2.0, "lambda of the part-2 training.")
-    meta_batch_size: int = option(8, "Part-2 tasks per meta-step.")
+    meta_batch_size: int = option(8, "Part-2 tasks per meta-step.", tiny=2)
     on_failure: str = option(
         "first_order",
         "Part 2: what a task whose meta-gradient solve failed contributes (see MetaLearner).",
         choices=("drop", "first_order", "zero"),
     )
-    test_tasks: int = option(100, "Part-2 test tasks.", lower_bound=2)
+    test_tasks: int = option(100, "Part-2 test tasks.", lower_bound=2, tiny=4)
     ways: int = option(5, "Classes per task.", lower_bound=2)
     shots: int = option(1, "Support examples per class.", lower_bound=1)
-    queries: int = option(15, "Query examples per class.", lower_bound=1)
-    image_size: int = option(28, "Image side (shipped weights: 28).")
-    filters: int = option(64, "Channels of the random-init conv net.")
+    queries: int = option(15, "Query examples per class.", lower_bound=1, tiny=2)
+    image_size: int = option(28, "Image side (shipped weights: 28).", tiny=14)
+    filters: int = option(64, "Channels of the random-init conv net.", tiny=8)
     pretrained: str = option(str(PRETRAINED), "The shipped model.")
     seed: int = option(0, "Seed of the random init and of the episodes.")
 
@@ -86,32 +88,10 @@ class Config:
                 raise ValueError("--weights=shipped needs --image_size=28 (the shipped net's)")
 
 
-TINY = dict(
-    weights=("random",),
-    lams=(2.0,),
-    newton_steps=2,
-    cg_steps=2,
-    tasks=4,
-    train_meta_steps=1,
-    train_newton_steps=1,
-    meta_batch_size=2,
-    test_tasks=4,
-    queries=2,
-    image_size=14,
-    filters=8,
-)
+TINY = harness.tiny_values(Config)
 
 
-def _episodes(config: Config, data, *, seed: int, num_tasks: int, batch: int):
-    return fewshot.episodes(
-        data,
-        ways=config.ways,
-        shots=config.shots,
-        queries=config.queries,
-        batch=batch,
-        seed=seed,
-        num_tasks=num_tasks,
-    )
+_episodes = fewshot.config_episodes
 
 
 def _per_task_loss(logits, labels):
@@ -279,19 +259,12 @@ def train_comparison(config: Config, init_weights, train_data, test_data) -> lis
             on_failure=config.on_failure,
         )
         fewshot.compile_meta(meta)
-        train_episodes = _episodes(
-            config,
-            train_data,
-            seed=config.seed,
-            num_tasks=config.train_meta_steps * config.meta_batch_size,
-            batch=config.meta_batch_size,
+        steps, batch = config.train_meta_steps, config.meta_batch_size
+        episodes = _episodes(
+            config, train_data, seed=config.seed, num_tasks=steps * batch, batch=batch
         )
-        start = time.time()
-        history = meta.fit(
-            train_episodes, epochs=1, steps_per_epoch=config.train_meta_steps, verbose=0
-        )
-        train_seconds = time.time() - start
-        logs = {k: float(v[-1]) for k, v in history.history.items()}
+        history, train_seconds = fewshot.meta_train(meta, episodes, meta_steps=steps)
+        logs = {k: float(v[-1]) for k, v in history.items()}
         print(f"  [{label}] {train_seconds:.0f} s, final logs {logs}", flush=True)
         test_episodes = _episodes(
             config,

@@ -15,12 +15,12 @@ else by running the same computation in float32 and in float64:
     (same initial weights, same episodes, op determinism on), then evaluated on the same
     held-out test tasks (mean +- 95% CI, and the paired difference).
 
-Writes `maml_precision.md`, `maml_precision.json` and `maml_precision.png` into
-`--output_dir`.
-
 Usage:
   python scripts/studies/maml_precision.py --output_dir=docs/studies/maml_precision
   python scripts/studies/maml_precision.py --tiny --output_dir=/tmp/maml_precision
+
+It writes `maml_precision.md`, `maml_precision.json` and `maml_precision.png` into
+`--output_dir`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,6 @@ import reporting
 import tensorflow as tf
 
 import tf_imaml
-from tf_imaml import batched
-from tf_imaml import hvp as hvp_lib
-from tf_imaml import implicit
-from tf_imaml import inner_solvers
-from tf_imaml import linear_solve
-from tf_imaml import tree
-from tf_imaml import unrolled
 
 NAME = "maml_precision"
 PRETRAINED_MODEL = harness.PRETRAINED
@@ -54,26 +47,30 @@ option = harness.option
 @dataclasses.dataclass(frozen=True)
 class Config:
     output_dir: str = option("runs/study_maml_precision", "Where to write results.")
-    inner_steps: tuple[int, ...] = option((1, 2, 5, 10, 25, 50, 100), "Inner steps K of part (a).")
-    learning_rates: tuple[float, ...] = option((0.01, 0.1, 0.4), "Inner step sizes of part (a).")
+    inner_steps: tuple[int, ...] = option(
+        (1, 2, 5, 10, 25, 50, 100), "Inner steps K of part (a).", tiny=(1, 4, 12)
+    )
+    learning_rates: tuple[float, ...] = option(
+        (0.01, 0.1, 0.4), "Inner step sizes of part (a).", tiny=(0.4,)
+    )
     weights: tuple[str, ...] = option(
         ("random",), "Part (a) weights: random and/or pretrained (or none)."
     )
-    grad_tasks: int = option(4, "Tasks of part (a).")
+    grad_tasks: int = option(4, "Tasks of part (a).", tiny=2)
     lam: float = option(2.0, "iMAML's proximal strength in part (a).")
     cg_steps: int = option(5, "iMAML's CG steps in part (a).")
     maml_task_chunk: int = option(
         2, "Tasks unrolled together in part (a) (MAML's memory grows with K)."
     )
-    train_meta_steps: int = option(200, "Meta-steps of part (b); 0 skips it.")
-    meta_batch_size: int = option(4, "Tasks per meta-step in part (b).")
-    train_inner_steps: int = option(5, "MAML's inner steps in part (b).")
+    train_meta_steps: int = option(200, "Meta-steps of part (b); 0 skips it.", tiny=6)
+    meta_batch_size: int = option(4, "Tasks per meta-step in part (b).", tiny=2)
+    train_inner_steps: int = option(5, "MAML's inner steps in part (b).", tiny=2)
     train_learning_rate: float = option(0.4, "MAML's inner step size in part (b).")
     outer_learning_rate: float = option(1e-3, "Adam step size in part (b).")
-    test_tasks: int = option(200, "Test tasks of part (b).")
-    queries: int = option(15, "Query examples per class.")
-    image_size: int = option(28, "Image side.")
-    filters: int = option(64, "Conv filters.")
+    test_tasks: int = option(200, "Test tasks of part (b).", tiny=8)
+    queries: int = option(15, "Query examples per class.", tiny=2)
+    image_size: int = option(28, "Image side.", tiny=14)
+    filters: int = option(64, "Conv filters.", tiny=4)
     seed: int = option(0, "Seed of tasks, weights and episodes.")
 
     def validate(self) -> None:
@@ -108,18 +105,7 @@ class Config:
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
 
 
-TINY = dict(
-    inner_steps=(1, 4, 12),
-    learning_rates=(0.4,),
-    grad_tasks=2,
-    train_meta_steps=6,
-    meta_batch_size=2,
-    train_inner_steps=2,
-    test_tasks=8,
-    queries=2,
-    image_size=14,
-    filters=4,
-)
+TINY = harness.tiny_values(Config)
 
 
 # --------------------------------------------------------------------------- the conv net
@@ -165,47 +151,45 @@ class Gradients:
         self.imaml = tf.function(self._imaml)
 
     def loss_fn(self, params, x, y):
-        logits = batched.apply(self.model, params, x)
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=1
-        )
+        logits = tf_imaml.batched.apply(self.model, params, x)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=1)
 
     def _maml(self, meta_params, num_steps, learning_rate, support, query):
         """Second-order MAML: backpropagation through `num_steps` GD steps (flattened)."""
         with tf.GradientTape() as tape:
             tape.watch(meta_params)
-            inner = unrolled.unrolled_gradient_descent(
+            inner = tf_imaml.unrolled.unrolled_gradient_descent(
                 lambda p: self.loss_fn(p, *support),
                 meta_params,
                 num_steps=num_steps,
                 learning_rate=learning_rate,
             )
             total = tf.reduce_sum(self.loss_fn(inner.adapted_params, *query))
-        return tree.flatten_tasks(tape.gradient(total, meta_params))
+        return tf_imaml.tree.flatten_tasks(tape.gradient(total, meta_params))
 
     def _imaml(self, meta_params, params, num_steps, learning_rate, support, query):
         """`num_steps` more proximal GD steps from `params`, then the implicit gradient."""
         support_loss_fn = lambda p: self.loss_fn(p, *support)  # noqa: E731
-        inner = inner_solvers.minimize_proximal(
+        inner = tf_imaml.inner_solvers.minimize_proximal(
             support_loss_fn,
             meta_params,
             lam=self.lam,
             num_steps=num_steps,
-            optimizer=inner_solvers.gradient_descent(learning_rate),
+            optimizer=tf_imaml.inner_solvers.gradient_descent(learning_rate),
             init_params=params,
         )
         phi = inner.adapted_params
-        v = hvp_lib.value_and_grad(lambda p: self.loss_fn(p, *query), phi)[1]
-        result = implicit.implicit_meta_gradient(
+        v = tf_imaml.hvp.value_and_grad(lambda p: self.loss_fn(p, *query), phi)[1]
+        result = tf_imaml.implicit.implicit_meta_gradient(
             support_loss_fn,
             phi,
             v,
             lam=self.lam,
-            linear_solver=linear_solve.solve_cg,
+            linear_solver=tf_imaml.linear_solve.solve_cg,
             max_iter=self.cg_steps,
             hvp_mode="linearized",
         )
-        return phi, tree.flatten_tasks(result.meta_grads), result.solve.negative_curvature
+        return phi, tf_imaml.tree.flatten_tasks(result.meta_grads), result.solve.negative_curvature
 
 
 def compare(estimate, target) -> dict:
@@ -228,7 +212,7 @@ def gradient_precision(config: Config, tasks: tuple, weights: list, label: str) 
             conv_model(config, dtype), lam=config.lam, cg_steps=config.cg_steps
         )
         data[dtype] = (tf.cast(support_x, dtype), support_y), (tf.cast(query_x, dtype), query_y)
-        theta[dtype] = tree.broadcast_to_tasks(
+        theta[dtype] = tf_imaml.tree.broadcast_to_tasks(
             [tf.constant(w, dtype) for w in weights], config.grad_tasks
         )
     out = {}
@@ -290,16 +274,14 @@ def train_and_evaluate(config: Config, dtype: str, weights: list, data: dict) ->
         inner_learning_rate=config.train_learning_rate,
     )
     fewshot.compile_meta(meta, learning_rate=config.outer_learning_rate)
-    start = time.time()
-    history = {}
+    history, train_seconds = {}, 0.0
     if config.train_meta_steps:
         train_data = episodes(
             config, data["train"], seed=config.seed, num_tasks=None, batch=config.meta_batch_size
         )
-        history = meta.fit(
-            train_data, epochs=1, steps_per_epoch=config.train_meta_steps, verbose=2
-        ).history
-    train_seconds = time.time() - start
+        history, train_seconds = fewshot.meta_train(
+            meta, train_data, meta_steps=config.train_meta_steps, verbose=2
+        )
     eval_batch = min(20, config.test_tasks)
     test_data = episodes(
         config, data["test"], seed=config.seed + 2, num_tasks=config.test_tasks, batch=eval_batch
@@ -400,10 +382,7 @@ def run(config: Config) -> dict:
     """Runs both parts, writes the Markdown, JSON and PNG; returns the JSON's content."""
     out_dir = harness.output_folder(config, deterministic=False)
     start = time.time()
-    data = {
-        s: tf_imaml.datasets.load_omniglot(s, image_size=config.image_size)
-        for s in ("train", "test")
-    }
+    data = fewshot.load_omniglot_splits(config.image_size)
     results = {"config": dataclasses.asdict(config), "gradient_precision": {}}
     lines = []
 
