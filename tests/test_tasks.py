@@ -125,3 +125,26 @@ def test_meta_model_seams_agree_with_adapt_and_with_the_training_step():
     for g, b, v in zip(result.meta_grads, before, learner.trainable_variables, strict=True):
         np.testing.assert_allclose(b - v.numpy(), np.mean(g, axis=0), rtol=1e-4, atol=1e-6)
     assert meta.resolved_task_batching == "support"
+
+
+def test_map_tasks_runs_each_task_alone():
+    learner = _conv_learner()
+    params, x = _per_task_weights(learner), _images()
+    y = tf.constant(np.random.default_rng(4).integers(0, WAYS, (TASKS, N)), tf.int32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    seen = []
+
+    def one_task(task):
+        task_params, task_x, task_y = task
+        seen.append(task_x.shape[0])
+        return tasks.loss_fn(learner, loss, task_x, task_y, batched=True)(task_params)
+
+    got = tasks.map_tasks(
+        one_task, (params, x, y), fn_output_signature=tf.TensorSpec([], tf.float32)
+    )
+    assert seen and set(seen) == {1}  # every call saw one task, with its task axis
+    # Oracle: the same per-task losses computed on the whole meta-batch in one call; each
+    # task's loss depends on its own slices only. Tolerance: float32 summation order.
+    np.testing.assert_allclose(
+        got, tasks.loss_fn(learner, loss, x, y, batched=True)(params), rtol=1e-5
+    )

@@ -12,6 +12,7 @@ axis `T`). This module builds them from a Keras learner:
 - `loss_fn(learner, loss, x, y, ...)`: `params -> [T]`, e.g. the support loss of the inner
   loop; `loss_and_outputs_fn` also returns the outputs (the query pass).
 - `value_and_grad(loss_fn, params)`: per-task losses and gradients (`tf_imaml.hvp`).
+- `map_tasks(fn, elems, ...)`: a task-batched function run on one task at a time.
 
 `tf_imaml.meta_model.MetaLearner` is built on these, and so are the studies and the
 benchmark: nothing outside the library reaches into a meta-model's private members.
@@ -139,6 +140,31 @@ def loss_fn(
     """
     with_outputs = loss_and_outputs_fn(learner, loss, x, y, **apply_options)
     return lambda params: with_outputs(params)[0]
+
+
+def map_tasks(fn: Callable, elems, *, fn_output_signature):
+    """`fn` on each task alone, by `tf.map_fn` over the leading task axis of `elems`.
+
+    `fn` takes and returns task-batched structures: each call gets one task's slices of
+    `elems` with a task axis of length 1 (`[1, ...]`), and the outputs' task axes are
+    stacked back into `[T, ...]`. This is how a learner that `apply` cannot batch runs a
+    per-task computation (`task_batching="per_task"` of `tf_imaml.MetaLearner`).
+
+    Args:
+      fn: `task-batched elems of one task -> task-batched outputs of one task`.
+      elems: A structure of tensors `[T, ...]`.
+      fn_output_signature: The structure of `tf.TensorSpec`s of one task's outputs,
+        without the task axis (as `tf.map_fn` takes it).
+
+    Returns:
+      `fn`'s outputs for all tasks, `[T, ...]`.
+    """
+
+    def one(task):
+        outputs = fn(tf.nest.map_structure(lambda x: x[tf.newaxis], task))
+        return tf.nest.map_structure(lambda t: t[0], outputs)
+
+    return tf.map_fn(one, elems, fn_output_signature=fn_output_signature)
 
 
 def is_seed_state(variable) -> bool:
