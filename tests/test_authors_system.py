@@ -16,24 +16,11 @@ DIM = 4
 
 
 def _learner():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((DIM,), dtype="float64"),
-            keras.layers.Dense(1, use_bias=False, dtype="float64"),
-        ]
-    )
+    return testing.linear_learner(DIM)
 
 
 def _episode(seed=0, num_tasks=3):
-    tasks = testing.linear_tasks(
-        num_tasks=num_tasks, num_support=5, num_query=7, dim=DIM, seed=seed
-    )
-    episode = (
-        (tasks.support_x, tasks.support_y[..., None], tasks.query_x),
-        tasks.query_y[..., None],
-    )
-    return tasks, episode
+    return testing.ridge_episode(dim=DIM, seed=seed, num_tasks=num_tasks)
 
 
 def _meta(learner, **kwargs):
@@ -150,10 +137,13 @@ def test_test_lam_zero_adapts_by_plain_steps_and_training_keeps_lam(inner_loop):
 def test_new_options_round_trip_through_get_config():
     meta = _meta(_learner(), damping=1.0, lam_damping=10.0, inner_loop="pull_back", test_lam=0.0)
     config = meta.get_config()
-    assert (config["damping"], config["lam_damping"]) == (1.0, 10.0)
-    assert (config["inner_loop"], config["test_lam"]) == ("pull_back", 0.0)
+    solver = config["linear_solver"]["config"]
+    assert (solver["damping"], solver["lam_damping"]) == (1.0, 10.0)
+    assert (config["inner_solver"]["config"]["loop"], config["test_lam"]) == ("pull_back", 0.0)
     clone = tf_imaml.ImplicitMAML.from_config(config)
-    assert clone.system_lam == 12.0 and clone.test_lam == 0.0 and clone.inner_loop == "pull_back"
+    assert clone.system_lam == 12.0 and clone.test_lam == 0.0
+    assert clone.inner_solver == tf_imaml.ProximalDescent(loop="pull_back")
+    assert clone.linear_solver == tf_imaml.CG(damping=1.0, lam_damping=10.0)
 
 
 @pytest.mark.parametrize(

@@ -17,21 +17,11 @@ STEPS = 5
 
 
 def _learner():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((DIM,), dtype="float64"),
-            keras.layers.Dense(1, use_bias=False, dtype="float64"),
-        ]
-    )
+    return testing.linear_learner(DIM)
 
 
 def _episode(seed=0):
-    tasks = testing.linear_tasks(num_tasks=3, num_support=5, num_query=7, dim=DIM, seed=seed)
-    return tasks, (
-        (tasks.support_x, tasks.support_y[..., None], tasks.query_x),
-        tasks.query_y[..., None],
-    )
+    return testing.ridge_episode(dim=DIM, seed=seed)
 
 
 def _step(meta, episode):
@@ -151,5 +141,5 @@ def test_bad_values_raise():
         tf_imaml.MAML(_learner(), inner_learning_rate=-1.0)
     with pytest.raises(ValueError, match="inner_steps must be an int >= 0"):
         tf_imaml.Reptile(_learner(), inner_steps=-3)
-    with pytest.raises(ValueError, match="inner_cg_steps must be > 0"):
+    with pytest.raises(ValueError, match="inner_cg_steps must be an int >= 1"):
         tf_imaml.ImplicitMAML(_learner(), inner_optimizer="hessian_free", inner_cg_steps=0)

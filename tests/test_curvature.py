@@ -94,27 +94,12 @@ def test_an_exhausted_krylov_space_restarts_with_the_right_spectrum():
     np.testing.assert_allclose(result.ritz_values.numpy()[0], [-1.0] * 3 + [2.0] * 5, atol=1e-10)
 
 
-def _dense_hessians(loss_fn, params):
-    """Oracle: per-task dense Hessian, the Jacobian of the gradient (as in test_hvp)."""
-    flat = tree.flatten_tasks(params)
-    hessians = []
-    for t in range(flat.shape[0]):
-        x = tf.Variable(flat[t])
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                full = tf.tensor_scatter_nd_update(flat, [[t]], x[tf.newaxis])
-                loss = loss_fn(tree.unflatten_tasks(full, params))[t]
-            grad = inner.gradient(loss, x)
-        hessians.append(outer.jacobian(grad, x).numpy())
-    return np.stack(hessians)
-
-
 def test_proximal_curvature_matches_the_dense_hessian_of_a_tanh_net(run):
     tasks = testing.linear_tasks(num_tasks=2, num_support=6, num_query=1, dim=3)
     loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
     params = testing.tanh_mlp_init(num_tasks=2, dim=3, hidden=4, seed=1)
     dim = int(tree.flatten_tasks(params).shape[1])
-    hessian_eig = np.linalg.eigvalsh(_dense_hessians(loss_fn, params))
+    hessian_eig = np.linalg.eigvalsh(testing.dense_hessians(loss_fn, params))
     # The eigenvalues of I + H / lam at lam = 2 and lam = 10.
     want_2, want_10 = 1.0 + hessian_eig / 2.0, 1.0 + hessian_eig / 10.0
     full, few = run(

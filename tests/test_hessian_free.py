@@ -15,9 +15,9 @@ def test_one_newton_step_solves_ridge(use_line_search, run):
     loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     theta = tree.broadcast_to_tasks([tf.constant(np.linspace(-1.0, 1.0, 4))], 3)
     result = run(
-        lambda: hessian_free.minimize_proximal_newton(
+        lambda: hessian_free.proximal_newton(
             loss_fn, theta, lam=2.0, num_steps=1, cg_steps=4, use_line_search=use_line_search
-        )
+        ).inner
     )
     exact = testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, theta[0], 2.0)
     # Oracle: the closed-form proximal solution; CG is exact in 4 iterations on 4 unknowns,
@@ -26,22 +26,31 @@ def test_one_newton_step_solves_ridge(use_line_search, run):
     assert (result.grad_norm.numpy() < 1e-12).all()
 
 
-def test_line_search_decreases_monotonically_and_converges_on_tanh_network():
+def _tanh_newton_fn():
+    """`(steps, line_search) -> NewtonSolveResult` on a two-task tanh network, traced."""
     tasks = testing.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
     loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
     params = testing.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
-    solve = tf.function(
-        lambda steps, line_search: hessian_free.minimize_proximal_newton(
+    return tf.function(
+        lambda steps, line_search: hessian_free.proximal_newton(
             loss_fn, params, lam=1.0, num_steps=steps, use_line_search=line_search
         )
     )
-    objectives = np.stack([solve(tf.constant(k), True).objective.numpy() for k in range(6)])
+
+
+def test_line_search_decreases_monotonically_and_converges_on_tanh_network():
+    newton = _tanh_newton_fn()
+
+    def solve(steps, line_search):
+        return newton(tf.constant(steps), line_search).inner
+
+    objectives = np.stack([solve(k, True).objective.numpy() for k in range(6)])
     # Wolfe line search: every step lowers every task's objective.
     assert (np.diff(objectives, axis=0) < 0).all()
     # Truncated Newton reaches stationarity (property of the method on this smooth problem).
-    assert (solve(tf.constant(25), True).grad_norm.numpy() < 1e-6).all()
+    assert (solve(25, True).grad_norm.numpy() < 1e-6).all()
     # Full Newton steps from this start overshoot: the line search is what makes it work.
-    assert solve(tf.constant(1), False).objective.numpy()[0] > objectives[0, 0]
+    assert solve(1, False).objective.numpy()[0] > objectives[0, 0]
 
 
 def test_negative_curvature_falls_back_to_steepest_descent_and_stays_finite():
@@ -65,11 +74,9 @@ def test_negative_curvature_falls_back_to_steepest_descent_and_stays_finite():
 def test_bad_values_raise():
     params = [tf.zeros([1, 2], tf.float64)]
     with pytest.raises(ValueError, match="cg_steps must be > 0"):
-        hessian_free.minimize_proximal_newton(
-            tree.sq_norm, params, lam=1.0, num_steps=1, cg_steps=0
-        )
+        hessian_free.proximal_newton(tree.sq_norm, params, lam=1.0, num_steps=1, cg_steps=0)
     with pytest.raises(ValueError, match="lam must be > 0"):
-        hessian_free.minimize_proximal_newton(tree.sq_norm, params, lam=0.0, num_steps=1)
+        hessian_free.proximal_newton(tree.sq_norm, params, lam=0.0, num_steps=1)
 
 
 def _barrier_loss_fn(theta):
@@ -130,14 +137,7 @@ def test_a_non_finite_gradient_is_a_non_descent_direction_and_phi_stays_finite()
 
 
 def test_trace_matches_separate_solves_and_counts_overshoots_on_tanh_network():
-    tasks = testing.linear_tasks(num_tasks=2, num_support=8, num_query=1, dim=2, seed=3)
-    loss_fn = testing.tanh_mlp_loss_fn(tasks.support_x, tasks.support_y)
-    params = testing.tanh_mlp_init(num_tasks=2, dim=2, hidden=5, seed=4)
-    solve = tf.function(
-        lambda steps, line_search: hessian_free.proximal_newton(
-            loss_fn, params, lam=1.0, num_steps=steps, use_line_search=line_search
-        )
-    )
+    solve = _tanh_newton_fn()
     traced = solve(tf.constant(5), True)
     # Oracle: the end point of a separate k-step solve (same deterministic computation).
     for k in range(6):

@@ -9,21 +9,6 @@ from tf_imaml import testing
 from tf_imaml import tree
 
 
-def _dense_hessians(loss_fn, params):
-    """Oracle: per-task dense Hessian of `loss_fn`, from the Jacobian of its gradient."""
-    flat = tree.flatten_tasks(params)
-    hessians = []
-    for t in range(flat.shape[0]):
-        x = tf.Variable(flat[t])
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                full = tf.tensor_scatter_nd_update(flat, [[t]], x[tf.newaxis])
-                loss = loss_fn(tree.unflatten_tasks(full, params))[t]
-            grad = inner.gradient(loss, x)
-        hessians.append(outer.jacobian(grad, x).numpy())
-    return np.stack(hessians)
-
-
 @pytest.mark.parametrize("mode", hvp.HVP_MODES)
 def test_hvp_matches_dense_hessian_on_tanh_mlp(mode, run):
     tasks = testing.linear_tasks(num_tasks=2, num_support=6, num_query=1, dim=3)
@@ -32,7 +17,7 @@ def test_hvp_matches_dense_hessian_on_tanh_mlp(mode, run):
     rng = np.random.default_rng(2)
     vector = [tf.constant(rng.normal(size=p.shape)) for p in params]
     got = tree.flatten_tasks(run(lambda: hvp.hvp(loss_fn, params, vector, mode=mode))).numpy()
-    dense = _dense_hessians(loss_fn, params)
+    dense = testing.dense_hessians(loss_fn, params)
     want = np.einsum("tij,tj->ti", dense, tree.flatten_tasks(vector).numpy())
     # Both are exact float64 derivatives; they differ only by rounding (~1e-15 relative).
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

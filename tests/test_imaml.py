@@ -16,24 +16,11 @@ DIM = 4
 
 
 def _linear_learner(dim=DIM):
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((dim,), dtype="float64"),
-            keras.layers.Dense(1, use_bias=False, dtype="float64"),
-        ]
-    )
+    return testing.linear_learner(dim)
 
 
 def _ridge_episode(seed=0, num_tasks=3):
-    tasks = testing.linear_tasks(
-        num_tasks=num_tasks, num_support=5, num_query=7, dim=DIM, seed=seed
-    )
-    episode = (
-        (tasks.support_x, tasks.support_y[..., None], tasks.query_x),
-        tasks.query_y[..., None],
-    )
-    return tasks, episode
+    return testing.ridge_episode(dim=DIM, seed=seed, num_tasks=num_tasks)
 
 
 def _ridge_meta(learner, **kwargs):
@@ -153,8 +140,8 @@ def test_bad_episodes_raise_clear_errors():
         meta.train_on_batch((sx, sy - 1, sx), sy)
     # The same episodes from a dataset fail inside the step, before the weights move.
     for episode, message in (
-        (((sx, sy, sx), sy + 3), "labels >= 3"),
-        (((sx, sy - 1, sx), sy), "negative class labels"),
+        (((sx, sy, sx), sy + 3), r"query_y has class labels outside \[0, 3\)"),
+        (((sx, sy - 1, sx), sy), r"support_y has class labels outside \[0, 3\)"),
     ):
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             meta.fit(tf.data.Dataset.from_tensors(episode), verbose=0)

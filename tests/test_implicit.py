@@ -6,12 +6,12 @@ import tensorflow as tf
 
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
-from tf_imaml import linear_solve
+from tf_imaml import solvers
 from tf_imaml import testing
 from tf_imaml import tree
 
 LAM = 2.0
-SOLVERS = [linear_solve.solve_cg, linear_solve.solve_cg_tf]
+SOLVERS = ["cg", "cg_tf"]
 
 
 def _ridge(seed=0, num_tasks=3, dim=4):
@@ -22,25 +22,33 @@ def _ridge(seed=0, num_tasks=3, dim=4):
     return tasks, theta
 
 
+def _meta_grad_via_tape(support_loss, query_loss, meta_params, *, lam, num_steps, lr, cg):
+    """`d sum L_query(phi(theta)) / d theta` through `proximal_adapt`'s op, and the inner result."""
+    with tf.GradientTape() as tape:
+        tape.watch(meta_params)
+        adapted, inner = implicit.proximal_adapt(
+            support_loss,
+            meta_params,
+            lam=lam,
+            num_steps=num_steps,
+            optimizer=inner_solvers.gradient_descent(lr),
+            linear_solver=cg,
+        )
+        total = tf.reduce_sum(query_loss(adapted))
+    return tape.gradient(total, meta_params), inner
+
+
 def _ridge_meta_grad_via_tape(tasks, theta, solver, run):
     support_loss = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
     query_loss = testing.ridge_loss_fn(tasks.query_x, tasks.query_y)
+    cg = solvers.CG(steps=theta.shape[0], implementation=solver)
 
     def meta_grad():
         meta_params = tree.broadcast_to_tasks([theta], tasks.support_x.shape[0])
-        with tf.GradientTape() as tape:
-            tape.watch(meta_params)
-            adapted, _ = implicit.proximal_adapt(
-                support_loss,
-                meta_params,
-                lam=LAM,
-                num_steps=1500,
-                optimizer=inner_solvers.gradient_descent(0.05),
-                linear_solver=solver,
-                max_iter=theta.shape[0],
-            )
-            total = tf.reduce_sum(query_loss(adapted))
-        return tape.gradient(total, meta_params)[0]
+        grads, _ = _meta_grad_via_tape(
+            support_loss, query_loss, meta_params, lam=LAM, num_steps=1500, lr=0.05, cg=cg
+        )
+        return grads[0]
 
     return run(meta_grad)
 
@@ -67,7 +75,7 @@ def test_implicit_meta_gradient_function_at_exact_solution(solver, run):
     _, v = problems_value_and_grad(query_loss, phi)
     result = run(
         lambda: implicit.implicit_meta_gradient(
-            support_loss, phi, v, lam=LAM, linear_solver=solver, max_iter=6
+            support_loss, phi, v, lam=LAM, linear_solver=solvers.CG(steps=6, implementation=solver)
         )
     )
     # Same closed-form oracle, with phi* given exactly: only CG's rounding remains.
@@ -93,31 +101,15 @@ def _tanh_setup(num_tasks=2):
     return params, support_loss, query_loss
 
 
-def _implicit_grad(
-    params, support_loss, query_loss, lam, num_steps, solver=linear_solve.solve_cg, hvp_mode=None
-):
+def _implicit_grad(params, support_loss, query_loss, lam, num_steps, solver="cg", hvp_mode=None):
     options = {} if hvp_mode is None else {"hvp_mode": hvp_mode}
     num_params = int(tree.flatten_tasks(params).shape[1])
-
-    @tf.function
-    def meta_grad():
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            adapted, inner = implicit.proximal_adapt(
-                support_loss,
-                params,
-                lam=lam,
-                num_steps=num_steps,
-                optimizer=inner_solvers.gradient_descent(0.1),
-                linear_solver=solver,
-                max_iter=3 * num_params,
-                tol=1e-14,
-                **options,
-            )
-            total = tf.reduce_sum(query_loss(adapted))
-        return tape.gradient(total, params), inner
-
-    return meta_grad()
+    cg = solvers.CG(steps=3 * num_params, tol=1e-14, implementation=solver, **options)
+    return tf.function(
+        lambda: _meta_grad_via_tape(
+            support_loss, query_loss, params, lam=lam, num_steps=num_steps, lr=0.1, cg=cg
+        )
+    )()
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -182,10 +174,8 @@ def test_matches_unrolled_differentiation_through_converged_inner_loop():
 
 def test_eager_and_function_agree():
     tasks, theta = _ridge(seed=7)
-    eager = _ridge_meta_grad_via_tape(tasks, theta, linear_solve.solve_cg_tf, lambda f: f())
-    graph = _ridge_meta_grad_via_tape(
-        tasks, theta, linear_solve.solve_cg_tf, lambda f: tf.function(f)()
-    )
+    eager = _ridge_meta_grad_via_tape(tasks, theta, "cg_tf", lambda f: f())
+    graph = _ridge_meta_grad_via_tape(tasks, theta, "cg_tf", lambda f: tf.function(f)())
     # Same ops in the same order: identical up to kernel rounding.
     np.testing.assert_allclose(eager.numpy(), graph.numpy(), rtol=1e-12)
 

@@ -3,7 +3,8 @@
 Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019.
 
 The functional core (pure functions over task-batched lists of tensors):
-`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`. The task layer
+`tree`, `hvp`, `linear_solve`, `inner_solvers`, `implicit`, `curvature`, and the configured
+solvers `CG`, `ProximalDescent` and `HessianFree` (`solvers`). The task layer
 (a Keras learner and a loss as per-task closures): `tasks`. Keras pieces: `layers`,
 `models`. Shipped meta-learners, loaded by name: `pretrained`.
 
@@ -26,10 +27,12 @@ from tf_imaml import implicit
 from tf_imaml import inner_solvers
 from tf_imaml import layers
 from tf_imaml import linear_solve
+from tf_imaml import meta_batch
 from tf_imaml import meta_model
 from tf_imaml import mini_imagenet
 from tf_imaml import models
 from tf_imaml import pretrained
+from tf_imaml import solvers
 from tf_imaml import tasks
 from tf_imaml import tree
 from tf_imaml import unrolled
@@ -46,14 +49,20 @@ from tf_imaml.layers import BatchStatNormalization
 from tf_imaml.layers import ExactMaxPool2D
 from tf_imaml.linear_solve import solve_cg
 from tf_imaml.linear_solve import solve_cg_tf
+from tf_imaml.solvers import CG
+from tf_imaml.solvers import HessianFree
+from tf_imaml.solvers import ProximalDescent
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchStatNormalization",
+    "CG",
     "ExactMaxPool2D",
+    "HessianFree",
     "ImplicitMAML",
     "MAML",
+    "ProximalDescent",
     "Reptile",
     "attach_implicit_gradient",
     "baselines",
@@ -71,6 +80,7 @@ __all__ = [
     "lanczos_extreme_eigenvalues",
     "layers",
     "linear_solve",
+    "meta_batch",
     "meta_model",
     "mini_imagenet",
     "minimize_proximal",
@@ -81,6 +91,7 @@ __all__ = [
     "proximal_adapt",
     "solve_cg",
     "solve_cg_tf",
+    "solvers",
     "tree",
     "unrolled",
     "hessian_free",

@@ -23,7 +23,17 @@ from tf_imaml import unrolled
 
 
 class _GradientDescentAdaptation(meta_model.MetaLearner):
-    """Adaptation by plain gradient descent on the support loss (no proximal term)."""
+    """Adaptation by plain gradient descent on the support loss (no proximal term).
+
+    Args:
+      learner: A built Keras model; its trainable weights are `theta`.
+      inner_steps: Inner gradient-descent steps. Default value: `5`.
+      inner_learning_rate: Inner step size `alpha`. Default value: `0.4`.
+      on_failure: See `MetaLearner`. Default value: `"drop"`.
+      task_batching: See `MetaLearner`. Default value: `"auto"`.
+      second_order: See `MetaLearner`. Default value: `False`.
+      name: Model name. Default value: `None`.
+    """
 
     def __init__(
         self,
@@ -46,15 +56,18 @@ class _GradientDescentAdaptation(meta_model.MetaLearner):
             name=name,
         )
 
-    def _inner_solve(self, theta, support_loss_fn, *, training=True):
-        del training  # The same adaptation in training and at test time.
+    def _adapt(self, theta, support_loss_fn, *, first_order: bool):
         return unrolled.unrolled_gradient_descent(
             support_loss_fn,
             theta,
             num_steps=self.inner_steps,
             learning_rate=self.inner_learning_rate,
-            first_order=True,
+            first_order=first_order,
         )
+
+    def _inner_solve(self, theta, support_loss_fn, *, training=True):
+        del training  # The same adaptation in training and at test time.
+        return self._adapt(theta, support_loss_fn, first_order=True)
 
 
 @keras.saving.register_keras_serializable(package="tf_imaml")
@@ -62,16 +75,13 @@ class MAML(_GradientDescentAdaptation):
     """MAML and first-order MAML as a `keras.Model`.
 
     Args:
-      learner: A built Keras model; its trainable weights are `theta`.
-      inner_steps: Inner gradient-descent steps. Default value: `5`.
-      inner_learning_rate: Inner step size `alpha`. Default value: `0.4`.
+      learner, inner_steps, inner_learning_rate, name: As for `Reptile`.
       first_order: First-order MAML (no backpropagation through the inner gradients).
         Default value: `False`.
       on_failure: See `MetaLearner`; a MAML task "fails" only with non-finite values.
         Default value: `"drop"`.
       task_batching: See `MetaLearner`; `"auto"` is `"per_task"` for second-order MAML.
         Default value: `"auto"`.
-      name: Model name. Default value: `None`.
     """
 
     def __init__(
@@ -91,26 +101,21 @@ class MAML(_GradientDescentAdaptation):
             inner_learning_rate=inner_learning_rate,
             on_failure=on_failure,
             task_batching=task_batching,
-            second_order=not first_order,
             name=name,
+            second_order=not first_order,
         )
         self.first_order = bool(first_order)
-        if task_batching == "auto" and not self.first_order:
-            # Second-order MAML through 32 tasks' unstacked convolutions fails in TF 2.21's
-            # while-loop gradient (a TemporaryVariable of AddN goes missing; measured with
-            # scripts/benchmark.py at meta-batch 32); task by task it works.
-            self._batch_support = False
+
+    def _auto_task_batching(self) -> str:
+        # Second-order MAML through 32 tasks' unstacked convolutions fails in TF 2.21's
+        # while-loop gradient (a TemporaryVariable of AddN goes missing; measured with
+        # scripts/benchmark.py at meta-batch 32); task by task it works.
+        return "support" if self.first_order else "per_task"
 
     def _meta_gradient(self, theta, support_loss_fn, query_loss_fn):
         with tf.GradientTape() as tape:
             tape.watch(theta)
-            inner = unrolled.unrolled_gradient_descent(
-                support_loss_fn,
-                theta,
-                num_steps=self.inner_steps,
-                learning_rate=self.inner_learning_rate,
-                first_order=self.first_order,
-            )
+            inner = self._adapt(theta, support_loss_fn, first_order=self.first_order)
             query_loss, query_pred = query_loss_fn(inner.adapted_params)
             total = tf.reduce_sum(query_loss)
         meta_grads = tape.gradient(total, theta, unconnected_gradients="zero")

@@ -35,16 +35,7 @@ def check_positive(name: str, value) -> None:
 
     A value that is not a real number (a string, a bool) raises `TypeError`.
     """
-    if isinstance(value, (str, bytes, bool)) or value is None:
-        _check_real(name, value)
-    static = _static_value(value)
-    if static is not None:
-        _check_real(name, static)
-    if static is None:
-        tf.debugging.assert_positive(value, message=f"{name} must be > 0")
-        return
-    if not static > 0:
-        raise ValueError(f"{name} must be > 0, got {static}")
+    _check_bound(name, value, "> 0", lambda v: v > 0, tf.debugging.assert_positive)
 
 
 def check_non_negative(name: str, value) -> None:
@@ -52,16 +43,19 @@ def check_non_negative(name: str, value) -> None:
 
     A value that is not a real number (a string, a bool) raises `TypeError`.
     """
+    _check_bound(name, value, ">= 0", lambda v: v >= 0, tf.debugging.assert_non_negative)
+
+
+def _check_bound(name: str, value, bound: str, holds, assert_fn) -> None:
     if isinstance(value, (str, bytes, bool)) or value is None:
         _check_real(name, value)
     static = _static_value(value)
-    if static is not None:
-        _check_real(name, static)
     if static is None:
-        tf.debugging.assert_non_negative(value, message=f"{name} must be >= 0")
+        assert_fn(value, message=f"{name} must be {bound}")
         return
-    if not static >= 0:
-        raise ValueError(f"{name} must be >= 0, got {static}")
+    _check_real(name, static)
+    if not holds(static):
+        raise ValueError(f"{name} must be {bound}, got {static}")
 
 
 def check_choice(name: str, value: str, choices) -> None:

@@ -15,8 +15,8 @@ steepest-descent direction `-grad G`. A task whose line search fails takes no st
 
 `proximal_newton` returns a `NewtonSolveResult`: the adapted parameters with the objective,
 gradient norm, step length and a status code of every step, and per-task counts of why a
-step was not taken or did not lower `G`. `minimize_proximal_newton` returns only its
-`InnerSolveResult` (the inner-solver interface of `ImplicitMAML`).
+step was not taken or did not lower `G`. Its `inner` field is the `InnerSolveResult` of
+the other inner solvers (`tf_imaml.solvers.HessianFree` returns it).
 
 Each step gets one status, the first that applies:
 
@@ -94,39 +94,6 @@ class NewtonSolveResult(NamedTuple):
     num_unbounded: tf.Tensor  # [T] int32: steps with status STEP_UNBOUNDED.
 
 
-def minimize_proximal_newton(
-    support_loss_fn: hvp_lib.LossFn,
-    meta_params: tree.Params,
-    *,
-    lam,
-    num_steps,
-    cg_steps: int = 5,
-    use_line_search: bool = True,
-    hvp_mode: str = "reverse_over_reverse",
-    name: str | None = None,
-) -> inner_solvers.InnerSolveResult:
-    """Runs `num_steps` truncated-Newton steps on every task's proximal objective.
-
-    The `inner` part of `proximal_newton`; see there for the arguments.
-
-    Returns:
-      An `InnerSolveResult`, as `inner_solvers.minimize_proximal`.
-
-    Raises:
-      ValueError: If `lam <= 0`, `num_steps < 0` or `cg_steps < 1`.
-    """
-    return proximal_newton(
-        support_loss_fn,
-        meta_params,
-        lam=lam,
-        num_steps=num_steps,
-        cg_steps=cg_steps,
-        use_line_search=use_line_search,
-        hvp_mode=hvp_mode,
-        name=name or "minimize_proximal_newton",
-    ).inner
-
-
 def proximal_newton(
     support_loss_fn: hvp_lib.LossFn,
     meta_params: tree.Params,
@@ -135,7 +102,7 @@ def proximal_newton(
     num_steps,
     cg_steps: int = 5,
     use_line_search: bool = True,
-    hvp_mode: str = "reverse_over_reverse",
+    hvp_mode: str = "linearized",
     name: str | None = None,
 ) -> NewtonSolveResult:
     """Truncated-Newton steps on every task's proximal objective, with a per-step trace.
@@ -148,7 +115,8 @@ def proximal_newton(
       cg_steps: CG iterations per Newton direction, `>= 1`. Default value: `5`.
       use_line_search: Choose each step length by Hager-Zhang line search; otherwise take
         the full Newton step (`alpha = 1`). Default value: `True`.
-      hvp_mode: See `hvp.hvp`. Default value: `"reverse_over_reverse"`.
+      hvp_mode: See `tf_imaml.hvp`. Default value: `"linearized"` (as
+        `solvers.DEFAULT_HVP_MODE`).
       name: Name scope. Default value: `None` (`"proximal_newton"`).
 
     Returns:
@@ -161,9 +129,8 @@ def proximal_newton(
     checks.check_non_negative("num_steps", num_steps)
     checks.check_positive("cg_steps", cg_steps)
     with tf.name_scope(name or "proximal_newton"):
-        meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
-        dtype = tree.as_list(meta_params)[0].dtype
-        lam = tree.cast(lam, dtype)
+        meta_params, lam = inner_solvers.constant_theta_and_lam(meta_params, lam)
+        dtype = lam.dtype
         num_steps = tf.cast(num_steps, tf.int32)
         objective_fn = inner_solvers.proximal_objective_fn(support_loss_fn, meta_params, lam)
 

@@ -27,6 +27,7 @@ from tf_imaml import checks
 from tf_imaml import hvp as hvp_lib
 from tf_imaml import inner_solvers
 from tf_imaml import linear_solve
+from tf_imaml import solvers
 from tf_imaml import tree
 
 # What a task whose meta-gradient failed contributes; one vocabulary for the op below and
@@ -47,33 +48,28 @@ def implicit_meta_gradient(
     query_grads: tree.Params,
     *,
     lam,
-    damping=0.0,
-    linear_solver=linear_solve.solve_cg_tf,
-    max_iter=5,
-    tol: float = 1e-10,
-    max_residual: float = 1.0,
-    hvp_mode: str = "reverse_over_reverse",
+    linear_solver: solvers.CG | str = "cg_tf",
+    max_iter: int | None = None,
+    tol: float | None = None,
+    max_residual: float | None = None,
+    damping: float | None = None,
+    hvp_mode: str | None = None,
     name: str | None = None,
 ) -> ImplicitGradientResult:
-    """Solves `((1 + damping) I + H_t / lam) g_t = v_t` for every task `t`.
+    """Solves `((1 + damping) I + H_t / (lam + lam_damping)) g_t = v_t` for every task `t`.
 
     Args:
       support_loss_fn: Task-batched parameters -> per-task support losses `[T]`.
       adapted_params: `phi`, the inner solution, with a leading task axis.
       query_grads: `v = grad L_query(phi)`, a structure like `adapted_params`.
       lam: Proximal strength, `> 0`.
-      damping: Non-negative extra identity term; see `hvp.make_proximal_matvec`.
-        Default value: `0.0`.
-      linear_solver: `linear_solve.solve_cg_tf` or `linear_solve.solve_cg`, or any function
-        of the same shape. Default value: `linear_solve.solve_cg_tf`.
-      max_iter: Conjugate-gradient iterations at most (the paper's "CG steps").
-        Default value: `5`.
-      tol: Relative residual at which CG stops early. Default value: `1e-10`.
-      max_residual: A final relative residual above this counts as a failed solve.
-        Default value: `1.0`.
-      hvp_mode: `"reverse_over_reverse"`, `"forward_over_reverse"` or `"linearized"`
-        (see `tf_imaml.hvp`).
-        Default value: `"reverse_over_reverse"`.
+      linear_solver: A configured `solvers.CG` (which holds `damping`, `lam_damping`, the
+        iterations, tolerances and `hvp_mode`), or a name or function of
+        `linear_solve.LINEAR_SOLVERS` configured by the shortcuts below.
+        Default value: `"cg_tf"` (`solvers.CG()`).
+      max_iter, tol, max_residual, damping, hvp_mode: Shortcuts for the `CG` fields
+        `steps`, `tol`, `max_residual`, `damping` and `hvp_mode` when `linear_solver` is a
+        name (`solvers.linear_solver_from`). Default value: `None` (`CG`'s defaults).
       name: Name scope. Default value: `None` (`"implicit_meta_gradient"`).
 
     Returns:
@@ -81,20 +77,23 @@ def implicit_meta_gradient(
       returned (possibly NaN); `apply_failure_policy` chooses what to use instead.
 
     Raises:
-      ValueError: On mismatched structures, `lam <= 0`, `damping < 0`, `max_iter < 0`, or
+      ValueError: On mismatched structures, `lam <= 0`, a bad solver configuration, or
         (eagerly) non-finite query gradients.
     """
+    cg = solvers.linear_solver_from(
+        linear_solver,
+        cg_steps=max_iter,
+        cg_tol=tol,
+        max_residual=max_residual,
+        damping=damping,
+        hvp_mode=hvp_mode,
+    )
     tree.assert_same_structure(adapted_params, query_grads, what="adapted_params and query_grads")
     with tf.name_scope(name or "implicit_meta_gradient"):
         adapted_params = tree.map_structure(tf.stop_gradient, tree.convert(adapted_params))
         query_grads = tree.convert(query_grads)
         checks.check_finite_per_task("query gradient norm", tree.norm(query_grads))
-        matvec_fn = hvp_lib.make_proximal_matvec(
-            support_loss_fn, adapted_params, lam=lam, damping=damping, mode=hvp_mode
-        )
-        solve = linear_solver(
-            matvec_fn, query_grads, tol=tol, max_iter=max_iter, max_residual=max_residual
-        )
+        solve = cg(cg.matvec_fn(support_loss_fn, adapted_params, lam=lam), query_grads)
         return ImplicitGradientResult(solve.solution, solve)
 
 
@@ -165,13 +164,8 @@ def attach_implicit_gradient(
     adapted_params: tree.Params,
     *,
     lam,
+    linear_solver: solvers.CG | str = "cg_tf",
     on_failure: str = "first_order",
-    damping=0.0,
-    linear_solver=linear_solve.solve_cg_tf,
-    max_iter=5,
-    tol: float = 1e-10,
-    max_residual: float = 1.0,
-    hvp_mode: str = "reverse_over_reverse",
 ) -> tree.Params:
     """Returns `adapted_params` with the implicit gradient `d phi / d theta` attached.
 
@@ -186,14 +180,16 @@ def attach_implicit_gradient(
       support_loss_fn: Task-batched parameters -> per-task support losses `[T]`.
       meta_params: `theta` with a leading task axis; the gradient arrives here per task.
       adapted_params: `phi`, like `meta_params`.
-      lam, damping, linear_solver, max_iter, tol, max_residual, hvp_mode: As in
-        `implicit_meta_gradient`.
+      lam: Proximal strength, `> 0`.
+      linear_solver: A configured `solvers.CG`, or the name of its implementation.
+        Default value: `"cg_tf"` (`solvers.CG()`).
       on_failure: As in `apply_failure_policy`. Default value: `"first_order"`.
 
     Returns:
       A structure like `adapted_params`, differentiable with respect to `meta_params`.
     """
     checks.check_choice("on_failure", on_failure, ON_FAILURE)
+    linear_solver = solvers.linear_solver_from(linear_solver)
     tree.assert_same_structure(meta_params, adapted_params, what="meta_params and adapted_params")
     theta_leaves = tree.as_list(tree.convert(meta_params))
     phi_leaves = tree.as_list(tree.convert(adapted_params))
@@ -208,16 +204,7 @@ def attach_implicit_gradient(
             phi_tree = tf.nest.pack_sequence_as(adapted_params, phi)
             v_tree = tf.nest.pack_sequence_as(adapted_params, v)
             result = implicit_meta_gradient(
-                support_loss_fn,
-                phi_tree,
-                v_tree,
-                lam=lam,
-                damping=damping,
-                linear_solver=linear_solver,
-                max_iter=max_iter,
-                tol=tol,
-                max_residual=max_residual,
-                hvp_mode=hvp_mode,
+                support_loss_fn, phi_tree, v_tree, lam=lam, linear_solver=linear_solver
             )
             grads = apply_failure_policy(
                 result.meta_grads, v_tree, result.solve.failed, on_failure=on_failure
@@ -237,22 +224,28 @@ def proximal_adapt(
     lam,
     num_steps,
     optimizer: inner_solvers.InnerOptimizer,
+    linear_solver: solvers.CG | str = "cg_tf",
     on_failure: str = "first_order",
-    damping=0.0,
-    linear_solver=linear_solve.solve_cg_tf,
-    max_iter=5,
-    tol: float = 1e-10,
-    max_residual: float = 1.0,
-    hvp_mode: str = "reverse_over_reverse",
+    max_iter: int | None = None,
 ) -> tuple[tree.Params, inner_solvers.InnerSolveResult]:
     """Adapts to every task and returns `phi(theta)` with the implicit gradient attached.
 
-    `minimize_proximal` followed by `attach_implicit_gradient`; arguments as there.
+    `minimize_proximal` followed by `attach_implicit_gradient`.
+
+    Args:
+      support_loss_fn, meta_params, lam, num_steps, optimizer: As in
+        `inner_solvers.minimize_proximal`.
+      linear_solver: As in `implicit_meta_gradient`. Default value: `"cg_tf"`
+        (`solvers.CG()`).
+      on_failure: As in `apply_failure_policy`. Default value: `"first_order"`.
+      max_iter: Shortcut for `CG(steps=...)` when `linear_solver` is a name.
+        Default value: `None` (`CG`'s default).
 
     Returns:
       `(adapted_params, inner_result)`: the first differentiable with respect to
       `meta_params` by the implicit meta-gradient, the second the inner diagnostics.
     """
+    cg = solvers.linear_solver_from(linear_solver, cg_steps=max_iter)
     inner = inner_solvers.minimize_proximal(
         support_loss_fn, meta_params, lam=lam, num_steps=num_steps, optimizer=optimizer
     )
@@ -261,12 +254,7 @@ def proximal_adapt(
         meta_params,
         inner.adapted_params,
         lam=lam,
+        linear_solver=cg,
         on_failure=on_failure,
-        damping=damping,
-        linear_solver=linear_solver,
-        max_iter=max_iter,
-        tol=tol,
-        max_residual=max_residual,
-        hvp_mode=hvp_mode,
     )
     return adapted, inner

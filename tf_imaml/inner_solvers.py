@@ -130,6 +130,13 @@ def proximal_objective_fn(support_loss_fn: hvp_lib.LossFn, meta_params: tree.Par
     return objective_fn
 
 
+def constant_theta_and_lam(meta_params: tree.Params, lam) -> tuple[tree.Params, tf.Tensor]:
+    """`theta` as a constant of the inner loop (no gradient flows back through it) and
+    `lam` in its dtype: how every inner solver starts."""
+    meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
+    return meta_params, tree.cast(lam, tree.as_list(meta_params)[0].dtype)
+
+
 def _proximal_value_and_grad(support_loss_fn, params, meta_params, lam):
     losses, grads = hvp_lib.value_and_grad(support_loss_fn, params)
     diff = tree.sub(params, meta_params)
@@ -173,9 +180,8 @@ def minimize_proximal(
     checks.check_non_negative("lam", lam)
     checks.check_non_negative("num_steps", num_steps)
     with tf.name_scope(name or "minimize_proximal"):
-        meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
-        dtype = tree.as_list(meta_params)[0].dtype
-        lam = tree.cast(lam, dtype)
+        meta_params, lam = constant_theta_and_lam(meta_params, lam)
+        dtype = lam.dtype
         if init_params is None:
             params = meta_params
         else:
@@ -241,9 +247,8 @@ def minimize_then_pull_back(
     checks.check_non_negative("lam", lam)
     checks.check_positive("pull_back_rate", pull_back_rate)
     with tf.name_scope(name or "minimize_then_pull_back"):
-        meta_params = tree.map_structure(tf.stop_gradient, tree.convert(meta_params))
-        dtype = tree.as_list(meta_params)[0].dtype
-        lam = tree.cast(lam, dtype)
+        meta_params, lam = constant_theta_and_lam(meta_params, lam)
+        dtype = lam.dtype
         plain = minimize_proximal(
             support_loss_fn, meta_params, lam=0.0, num_steps=num_steps, optimizer=optimizer
         )

@@ -7,12 +7,15 @@ Oracles for tests, the demo and the gradient-accuracy studies:
   `phi_t* = (H_t + lam I)^-1 (2 X_t^T y_t / n + lam theta)`, and so is its Jacobian,
   `d phi_t*/d theta = lam (H_t + lam I)^-1`.
 - A one-hidden-layer tanh network (smooth, so finite differences mean something).
+- The ridge tasks as a Keras episode for a linear Keras learner (`linear_learner`,
+  `ridge_episode`), for tests of the meta-learners against the closed forms.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -61,6 +64,28 @@ def ridge_loss_fn(x: tf.Tensor, y: tf.Tensor):
     return loss_fn
 
 
+def linear_learner(dim: int, *, seed: int = 0) -> keras.Model:
+    """A float64 Keras `Dense(1, use_bias=False)` on `dim` inputs: `phi` is its `[dim, 1]` kernel."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((dim,), dtype="float64"),
+            keras.layers.Dense(1, use_bias=False, dtype="float64"),
+        ]
+    )
+
+
+def ridge_episode(*, dim: int, seed: int = 0, num_tasks: int = 3):
+    """`(tasks, episode)`: `linear_tasks` (5 support, 7 query examples) and the same data as a
+    Keras episode `((support_x, support_y, query_x), query_y)`, targets `[T, n, 1]`."""
+    tasks = linear_tasks(num_tasks=num_tasks, num_support=5, num_query=7, dim=dim, seed=seed)
+    episode = (
+        (tasks.support_x, tasks.support_y[..., None], tasks.query_x),
+        tasks.query_y[..., None],
+    )
+    return tasks, episode
+
+
 def ridge_hessian(x: tf.Tensor) -> np.ndarray:
     """`H_t = 2 X_t^T X_t / n`, shape `[T, d, d]`."""
     x = np.asarray(x)
@@ -83,6 +108,22 @@ def ridge_meta_gradient(tasks: RegressionTasks, theta, lam) -> np.ndarray:
     query_grad /= qx.shape[1]
     h = ridge_hessian(tasks.support_x)
     return lam * np.linalg.solve(h + lam * np.eye(h.shape[-1]), query_grad[..., None])[..., 0]
+
+
+def dense_hessians(loss_fn, params) -> np.ndarray:
+    """Per-task dense Hessians `[T, N, N]` of a task-batched loss, by `tape.jacobian` of its
+    gradient: the oracle for Hessian-vector products."""
+    flat = tree.flatten_tasks(params)
+    hessians = []
+    for t in range(flat.shape[0]):
+        x = tf.Variable(flat[t])
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                full = tf.tensor_scatter_nd_update(flat, [[t]], x[tf.newaxis])
+                loss = loss_fn(tree.unflatten_tasks(full, params))[t]
+            grad = inner.gradient(loss, x)
+        hessians.append(outer.jacobian(grad, x).numpy())
+    return np.stack(hessians)
 
 
 def tanh_mlp_init(*, num_tasks: int, dim: int, hidden: int, seed: int = 0, dtype=tf.float64):
