@@ -124,22 +124,19 @@ class ImplicitMAML(meta_model.MetaLearner):
         if inner_solver is not None and inner_optimizer is not None:
             raise ValueError("give inner_solver or its shortcut inner_optimizer, not both")
         configured_inner = not isinstance(inner_solver or inner_optimizer or "gd", str)
-        self.inner_solver = solvers.inner_solver_from(
-            inner_solver or inner_optimizer or "gd",
+        inner_shortcuts = dict(
             inner_momentum=inner_momentum,
             inner_loop=inner_loop,
             inner_cg_steps=inner_cg_steps,
             use_line_search=use_line_search,
             hvp_mode=None if configured_inner else hvp_mode,
         )
+        self.inner_solver = solvers.inner_solver_from(
+            inner_solver or inner_optimizer or "gd", inner_shortcuts
+        )
+        cg_shortcuts = (cg_steps, cg_tol, max_residual, damping, lam_damping, hvp_mode)
         self.linear_solver = solvers.linear_solver_from(
-            linear_solver or "cg_tf",
-            cg_steps=cg_steps,
-            cg_tol=cg_tol,
-            max_residual=max_residual,
-            damping=damping,
-            lam_damping=lam_damping,
-            hvp_mode=hvp_mode,
+            linear_solver or "cg_tf", dict(zip(solvers.CG_SHORTCUTS, cg_shortcuts, strict=True))
         )
         if (
             isinstance(curvature_iterations, bool)

@@ -80,14 +80,9 @@ def implicit_meta_gradient(
       ValueError: On mismatched structures, `lam <= 0`, a bad solver configuration, or
         (eagerly) non-finite query gradients.
     """
-    cg = solvers.linear_solver_from(
-        linear_solver,
-        cg_steps=max_iter,
-        cg_tol=tol,
-        max_residual=max_residual,
-        damping=damping,
-        hvp_mode=hvp_mode,
-    )
+    shortcuts = (max_iter, tol, max_residual, damping, hvp_mode)
+    keywords = ("cg_steps", "cg_tol", "max_residual", "damping", "hvp_mode")
+    cg = solvers.linear_solver_from(linear_solver, dict(zip(keywords, shortcuts, strict=True)))
     tree.assert_same_structure(adapted_params, query_grads, what="adapted_params and query_grads")
     with tf.name_scope(name or "implicit_meta_gradient"):
         adapted_params = tree.map_structure(tf.stop_gradient, tree.convert(adapted_params))
@@ -245,7 +240,7 @@ def proximal_adapt(
       `(adapted_params, inner_result)`: the first differentiable with respect to
       `meta_params` by the implicit meta-gradient, the second the inner diagnostics.
     """
-    cg = solvers.linear_solver_from(linear_solver, cg_steps=max_iter)
+    cg = solvers.linear_solver_from(linear_solver, {"cg_steps": max_iter})
     inner = inner_solvers.minimize_proximal(
         support_loss_fn, meta_params, lam=lam, num_steps=num_steps, optimizer=optimizer
     )

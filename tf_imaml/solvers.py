@@ -302,50 +302,55 @@ def deserialize(config: dict[str, Any]) -> CG | InnerSolver:
     return _TYPES[config["type"]].from_config(config["config"])
 
 
-def _with_shortcuts(kind: str, solver, cls, shortcuts: dict[str, Any], fields: dict[str, str]):
-    """The fields that the given (non-None) keyword shortcuts set, checked by keyword."""
+# The keyword shortcuts of `ImplicitMAML` (and of `implicit`'s functions): keyword -> field.
+CG_SHORTCUTS = {
+    "cg_steps": "steps",
+    "cg_tol": "tol",
+    "max_residual": "max_residual",
+    "damping": "damping",
+    "lam_damping": "lam_damping",
+    "hvp_mode": "hvp_mode",
+}
+INNER_SHORTCUTS = {
+    ProximalDescent: {"inner_momentum": "momentum", "inner_loop": "loop"},
+    HessianFree: {
+        "inner_cg_steps": "cg_steps",
+        "use_line_search": "use_line_search",
+        "hvp_mode": "hvp_mode",
+    },
+}
+
+
+def _fields(kind: str, solver, cls, shortcuts: dict[str, Any], names: dict[str, str]):
+    """The fields that the given (non-None) shortcuts set, each checked under its keyword."""
     given = {name: value for name, value in shortcuts.items() if value is not None}
     if given and not isinstance(solver, str):
         raise ValueError(
             f"{', '.join(sorted(given))}: keyword shortcuts for a {kind} given by name; with a "
             f"configured {type(solver).__name__}, set them in it"
         )
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option of {kind}={solver!r}")
     for name, value in given.items():
-        cls._CHECKS[fields[name]](name, value)
-    return {fields[name]: value for name, value in given.items()}
+        cls._CHECKS[names[name]](name, value)
+    return {names[name]: value for name, value in given.items()}
 
 
-def linear_solver_from(
-    linear_solver: CG | str = "cg_tf",
-    *,
-    cg_steps: int | None = None,
-    cg_tol: float | None = None,
-    max_residual: float | None = None,
-    damping: float | None = None,
-    lam_damping: float | None = None,
-    hvp_mode: str | None = None,
-) -> CG:
+def linear_solver_from(linear_solver: CG | str = "cg_tf", shortcuts: dict | None = None) -> CG:
     """A `CG` from a configured one, or from a name and keyword shortcuts.
 
     Args:
       linear_solver: A `CG`; or `"cg_tf"`/`"cg"` (or the functions `linear_solve.solve_cg_tf`,
         `linear_solve.solve_cg`), the `implementation` of a `CG` whose other fields are
         the shortcuts' values, or `CG`'s defaults where a shortcut is `None`.
-      cg_steps, cg_tol, max_residual, damping, lam_damping, hvp_mode: Shortcuts for the
-        `CG` fields `steps`, `tol`, `max_residual`, `damping`, `lam_damping`, `hvp_mode`.
+      shortcuts: `{keyword: value or None}`, keywords of `CG_SHORTCUTS`.
+        Default value: `None` (none).
 
     Raises:
       ValueError: On an unknown name, a shortcut given with a configured `CG`, or a field
-        out of range.
+        out of range (named by its keyword).
     """
-    shortcuts = dict(
-        cg_steps=cg_steps,
-        cg_tol=cg_tol,
-        max_residual=max_residual,
-        damping=damping,
-        lam_damping=lam_damping,
-        hvp_mode=hvp_mode,
-    )
     names = {fn: name for name, fn in linear_solve.LINEAR_SOLVERS.items()}
     if callable(linear_solver) and not isinstance(linear_solver, CG):
         if linear_solver not in names:
@@ -354,15 +359,7 @@ def linear_solver_from(
                 f"{sorted(linear_solve.LINEAR_SOLVERS)} or its function, got {linear_solver!r}"
             )
         linear_solver = names[linear_solver]
-    fields = dict(
-        cg_steps="steps",
-        cg_tol="tol",
-        max_residual="max_residual",
-        damping="damping",
-        lam_damping="lam_damping",
-        hvp_mode="hvp_mode",
-    )
-    options = _with_shortcuts("linear_solver", linear_solver, CG, shortcuts, fields)
+    options = _fields("linear_solver", linear_solver, CG, shortcuts or {}, CG_SHORTCUTS)
     if isinstance(linear_solver, CG):
         return linear_solver
     checks.check_choice("linear_solver", linear_solver, tuple(linear_solve.LINEAR_SOLVERS))
@@ -370,13 +367,7 @@ def linear_solver_from(
 
 
 def inner_solver_from(
-    inner_solver: InnerSolver | str = "gd",
-    *,
-    inner_momentum: float | None = None,
-    inner_loop: str | None = None,
-    inner_cg_steps: int | None = None,
-    use_line_search: bool | None = None,
-    hvp_mode: str | None = None,
+    inner_solver: InnerSolver | str = "gd", shortcuts: dict | None = None
 ) -> InnerSolver:
     """A `ProximalDescent` or `HessianFree` from a configured one, or a name and shortcuts.
 
@@ -384,40 +375,24 @@ def inner_solver_from(
       inner_solver: A configured inner solver; or `"gd"`, `"momentum"`, `"nesterov"`,
         `"adam"` (a `ProximalDescent` with that `optimizer`) or `"hessian_free"` (a
         `HessianFree`), whose other fields are the shortcuts' values or their defaults.
-      inner_momentum, inner_loop: Shortcuts for `ProximalDescent`'s `momentum` and `loop`.
-      inner_cg_steps, use_line_search: Shortcuts for `HessianFree`'s `cg_steps` and
-        `use_line_search`.
-      hvp_mode: `HessianFree`'s `hvp_mode`; ignored by `ProximalDescent`, which takes no
-        Hessian-vector products.
+      shortcuts: `{keyword: value or None}`, keywords of `INNER_SHORTCUTS` for the solver
+        named. `hvp_mode` is ignored for a `ProximalDescent`, which takes no Hessian-vector
+        products. Default value: `None` (none).
 
     Raises:
       ValueError: On an unknown name, a shortcut that the solver does not have (naming
         it), a shortcut given with a configured solver, or a field out of range.
     """
-    if isinstance(inner_solver, HessianFree) or inner_solver == "hessian_free":
-        if inner_loop == "pull_back":
-            raise ValueError('inner_loop="pull_back" takes a first-order inner_optimizer')
-        extra = dict(inner_momentum=inner_momentum, inner_loop=inner_loop)
-        fields = dict(
-            inner_cg_steps="cg_steps", use_line_search="use_line_search", hvp_mode="hvp_mode"
-        )
-        shortcuts = dict(
-            inner_cg_steps=inner_cg_steps, use_line_search=use_line_search, hvp_mode=hvp_mode
-        )
-        cls = HessianFree
-    else:
-        extra = dict(inner_cg_steps=inner_cg_steps, use_line_search=use_line_search)
-        fields = dict(inner_momentum="momentum", inner_loop="loop")
-        shortcuts = dict(inner_momentum=inner_momentum, inner_loop=inner_loop)
-        cls = ProximalDescent
-    if isinstance(inner_solver, str):
-        unused = sorted(name for name, value in extra.items() if value is not None)
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)}: not an option of inner_optimizer={inner_solver!r}"
-            )
-    options = _with_shortcuts("inner_solver", inner_solver, cls, shortcuts, fields)
-    if isinstance(inner_solver, (ProximalDescent, HessianFree)):
+    shortcuts = dict(shortcuts or {})
+    hessian_free_named = isinstance(inner_solver, HessianFree) or inner_solver == "hessian_free"
+    if hessian_free_named and shortcuts.get("inner_loop") == "pull_back":
+        raise ValueError('inner_loop="pull_back" takes a first-order inner_optimizer')
+    cls = HessianFree if hessian_free_named else ProximalDescent
+    if cls is ProximalDescent:
+        shortcuts.pop("hvp_mode", None)
+    kind = "inner_optimizer" if isinstance(inner_solver, str) else "inner_solver"
+    options = _fields(kind, inner_solver, cls, shortcuts, INNER_SHORTCUTS[cls])
+    if not isinstance(inner_solver, str):
         return inner_solver
     checks.check_choice("inner_optimizer", inner_solver, (*FIRST_ORDER_OPTIMIZERS, "hessian_free"))
     if cls is ProximalDescent:
