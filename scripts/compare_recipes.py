@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import common
 import numpy as np
 from absl import app
 from absl import flags
@@ -30,16 +31,12 @@ _SECONDS = flags.DEFINE_float(
 )
 _TARGET = flags.DEFINE_float("target", 0.80, "Report the training seconds to reach this accuracy.")
 
-MONITOR = "val_sparse_categorical_accuracy"
+MONITOR = common.MONITOR
 
 
 def summarize(run: pathlib.Path, *, seconds: float, target: float) -> dict:
     """One run's row: accuracy at `seconds`, time to `target`, failed fraction, test scores."""
-    curve = [
-        e
-        for e in json.loads((run / "curve.json").read_text())
-        if MONITOR in e["logs"] and e["train_seconds"] <= seconds
-    ]
+    curve = common.validation_curve(run / "curve.json", until_seconds=seconds)
     if not curve:
         raise ValueError(f"{run}/curve.json has no validation entry within {seconds} s")
     times = np.array([e["train_seconds"] for e in curve])
@@ -89,30 +86,17 @@ def markdown(rows: list[dict], *, seconds: float, target: float) -> str:
 
 
 def plot(runs: list[pathlib.Path], path: pathlib.Path, *, seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = common.accuracy_axes(figsize=(11, 4))
     for run in runs:
-        curve = [
-            e
-            for e in json.loads((run / "curve.json").read_text())
-            if MONITOR in e["logs"] and e["train_seconds"] <= seconds
-        ]
+        curve = common.validation_curve(run / "curve.json", until_seconds=seconds)
         accuracy = [100 * e["logs"][MONITOR] for e in curve]
         axes[0].plot([e["train_seconds"] / 60 for e in curve], accuracy, marker=".", label=run.name)
         axes[1].plot([e["meta_steps"] for e in curve], accuracy, marker=".", label=run.name)
     axes[0].set_xlabel("training minutes (side by side, validation excluded)")
     axes[1].set_xlabel("meta-steps")
     axes[0].set_ylabel("validation accuracy (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv):

@@ -19,6 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
@@ -28,12 +29,10 @@ import tf_imaml  # noqa: E402
 from tf_imaml import testing  # noqa: E402
 from tf_imaml import tree  # noqa: E402
 
-META_STEPS = flags.DEFINE_integer(
-    "meta_steps", 1000, "Meta-training steps of part 3.", lower_bound=0
-)
-SEED = flags.DEFINE_integer("seed", 0, "Seed for tasks and initial parameters.")
-LAM = flags.DEFINE_float("lam", 1.0, "Proximal strength lambda.", lower_bound=1e-12)
-INNER_STEPS = flags.DEFINE_integer("inner_steps", 20, "Inner GD steps in part 3.", lower_bound=0)
+flags.DEFINE_integer("meta_steps", 1000, "Meta-training steps of part 3.", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Seed for tasks and initial parameters.")
+flags.DEFINE_float("lam", 1.0, "Proximal strength lambda.", lower_bound=1e-12)
+flags.DEFINE_integer("inner_steps", 20, "Inner GD steps in part 3.", lower_bound=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +185,8 @@ def run(config: DemoConfig) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(
-        DemoConfig(
-            meta_steps=META_STEPS.value,
-            seed=SEED.value,
-            lam=LAM.value,
-            inner_steps=INNER_STEPS.value,
-        )
-    )
+    fixed = ("inner_learning_rate", "meta_batch_size", "hidden")
+    run(common.config_from_flags(argv, DemoConfig, keep_default=fixed))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402
 import keras  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -26,26 +27,24 @@ import tf_imaml  # noqa: E402
 
 PRETRAINED = "omniglot_5way_1shot"
 
-_MODEL = flags.DEFINE_string(
-    "model", PRETRAINED, "A .keras meta-learner file, or a shipped model's name."
-)
-_TASKS = flags.DEFINE_integer("tasks", 600, "Test tasks.", lower_bound=1)
-_INNER_STEPS = flags.DEFINE_integer(
+flags.DEFINE_string("model", PRETRAINED, "A .keras meta-learner file, or a shipped model's name.")
+flags.DEFINE_integer("tasks", 600, "Test tasks.", lower_bound=1)
+flags.DEFINE_integer(
     "inner_steps", None, "Inner steps at test time (default: the model's).", lower_bound=0
 )
-_TEST_LAM = flags.DEFINE_float(
+flags.DEFINE_float(
     "test_lam",
     None,
     "iMAML: lam of the test-time adaptation (0: plain fine-tuning); default: the model's.",
     lower_bound=0.0,
 )
-_SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
-_QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
-_SPLIT = flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
-_SUBSET = flags.DEFINE_enum("subset", "test", ["train", "val", "test"], "Which classes.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Omniglot .npz (default: the shipped copy).")
-_SEED = flags.DEFINE_integer("seed", 2, "Episode seed (train.py tests with seed + 2).")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the result as JSON here.")
+flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
+flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
+flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
+flags.DEFINE_enum("subset", "test", ["train", "val", "test"], "Which classes.")
+flags.DEFINE_string("data_dir", None, "Omniglot .npz (default: the shipped copy).")
+flags.DEFINE_integer("seed", 2, "Episode seed (train.py tests with seed + 2).")
+flags.DEFINE_string("output", None, "Also write the result as JSON here.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,25 +121,11 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = common.config_from_flags(argv, EvalConfig)
     try:
-        model_file(_MODEL.value)
+        model_file(config.model)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    config = EvalConfig(
-        model=_MODEL.value,
-        tasks=_TASKS.value,
-        inner_steps=_INNER_STEPS.value,
-        test_lam=_TEST_LAM.value,
-        shots=_SHOTS.value,
-        queries=_QUERIES.value,
-        split=_SPLIT.value,
-        subset=_SUBSET.value,
-        data_dir=_DATA_DIR.value,
-        seed=_SEED.value,
-        output=_OUTPUT.value,
-    )
     result = evaluate(config)
     print(
         f"{pathlib.Path(config.model).name}: Omniglot {result['ways']}-way {config.shots}-shot "

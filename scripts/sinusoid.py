@@ -18,30 +18,31 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import common  # noqa: E402
 import keras  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import tf_imaml  # noqa: E402
 
-_META_STEPS = flags.DEFINE_integer("meta_steps", 2000, "Meta-training steps.", lower_bound=1)
-_SHOTS = flags.DEFINE_integer("shots", 5, "Support examples per task.", lower_bound=1)
-_QUERIES = flags.DEFINE_integer("queries", 10, "Query examples per task.", lower_bound=1)
-_META_BATCH = flags.DEFINE_integer("meta_batch_size", 10, "Tasks per meta-step.", lower_bound=1)
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 10, "Inner GD steps.", lower_bound=0)
-_INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.01, "Inner GD step size.", lower_bound=0)
-_LAM = flags.DEFINE_float("lam", 1.0, "Proximal strength lambda.", lower_bound=0)
-_CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "Conjugate-gradient steps.", lower_bound=0)
-_ON_FAILURE = flags.DEFINE_enum(
+flags.DEFINE_integer("meta_steps", 2000, "Meta-training steps.", lower_bound=1)
+flags.DEFINE_integer("shots", 5, "Support examples per task.", lower_bound=1)
+flags.DEFINE_integer("queries", 10, "Query examples per task.", lower_bound=1)
+flags.DEFINE_integer("meta_batch_size", 10, "Tasks per meta-step.", lower_bound=1)
+flags.DEFINE_integer("inner_steps", 10, "Inner GD steps.", lower_bound=0)
+flags.DEFINE_float("inner_learning_rate", 0.01, "Inner GD step size.", lower_bound=0)
+flags.DEFINE_float("lam", 1.0, "Proximal strength lambda.", lower_bound=0)
+flags.DEFINE_integer("cg_steps", 5, "Conjugate-gradient steps.", lower_bound=0)
+flags.DEFINE_enum(
     "on_failure",
     "first_order",
     ["drop", "first_order", "zero"],
     "What a task whose linear solve failed contributes (see tf_imaml.meta_model).",
 )
-_OUTER_LR = flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.", lower_bound=0)
-_EVAL_TASKS = flags.DEFINE_integer("eval_tasks", 600, "Held-out tasks to evaluate.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and tasks.")
-_LOG_DIR = flags.DEFINE_string("logdir", None, "TensorBoard and results folder (optional).")
+flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.", lower_bound=0)
+flags.DEFINE_integer("eval_tasks", 600, "Held-out tasks to evaluate.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed for weights and tasks.")
+flags.DEFINE_string("logdir", None, "TensorBoard and results folder (optional).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,25 +116,9 @@ def train(config: SinusoidConfig, *, verbose: int = 2) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _LAM.value <= 0 or _INNER_LR.value <= 0 or _OUTER_LR.value <= 0:
+    config = common.config_from_flags(argv, SinusoidConfig, flag_names={"log_dir": "logdir"})
+    if config.lam <= 0 or config.inner_learning_rate <= 0 or config.outer_learning_rate <= 0:
         raise app.UsageError("--lam, --inner_learning_rate and --outer_learning_rate must be > 0")
-    config = SinusoidConfig(
-        meta_steps=_META_STEPS.value,
-        shots=_SHOTS.value,
-        queries=_QUERIES.value,
-        meta_batch_size=_META_BATCH.value,
-        inner_steps=_INNER_STEPS.value,
-        inner_learning_rate=_INNER_LR.value,
-        lam=_LAM.value,
-        cg_steps=_CG_STEPS.value,
-        on_failure=_ON_FAILURE.value,
-        outer_learning_rate=_OUTER_LR.value,
-        eval_tasks=_EVAL_TASKS.value,
-        seed=_SEED.value,
-        log_dir=_LOG_DIR.value,
-    )
     result = train(config)
     print(
         f"{config.shots}-shot sinusoid, {config.eval_tasks} held-out tasks: query MSE "

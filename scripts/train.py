@@ -38,6 +38,7 @@ _SHARED_MINI_IMAGENET = (
 if _SHARED_MINI_IMAGENET.is_dir():
     os.environ.setdefault("TF_IMAML_MINI_IMAGENET", str(_SHARED_MINI_IMAGENET))
 
+import common  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
@@ -48,79 +49,79 @@ import tf_imaml  # noqa: E402
 
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml", "reptile")
 
-_ALGORITHM = flags.DEFINE_enum("algorithm", "imaml", ALGORITHMS, "Meta-learning algorithm.")
+flags.DEFINE_enum("algorithm", "imaml", ALGORITHMS, "Meta-learning algorithm.")
 DATASETS = ("omniglot", "mini_imagenet")
-_DATASET = flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Benchmark.")
-_SPLIT = flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
-_DATA_DIR = flags.DEFINE_string(
+flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Benchmark.")
+flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
+flags.DEFINE_string(
     "data_dir",
     None,
     "Omniglot .npz (default: the shipped copy), or the mini-ImageNet folder (default: "
     "$TF_IMAML_MINI_IMAGENET, which this script sets to ../shared/data/mini_imagenet beside "
     "the repository when that exists).",
 )
-_IMAGE_SIZE = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "image_size",
     None,
     "Image side after resizing (default: 28 Omniglot, 84 mini-ImageNet).",
     lower_bound=4,
 )
-_WAYS = flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
-_SHOTS = flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
-_QUERIES = flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
-_META_BATCH = flags.DEFINE_integer("meta_batch_size", 32, "Tasks per meta-step.", lower_bound=1)
-_INNER_STEPS = flags.DEFINE_integer("inner_steps", 16, "Inner steps.", lower_bound=0)
-_INNER_LR = flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size.")
-_LAM = flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
-_CG_STEPS = flags.DEFINE_integer("cg_steps", 5, "iMAML conjugate-gradient steps.", lower_bound=1)
-_DAMPING = flags.DEFINE_float(
+flags.DEFINE_integer("ways", 5, "Classes per task.", lower_bound=2)
+flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
+flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
+flags.DEFINE_integer("meta_batch_size", 32, "Tasks per meta-step.", lower_bound=1)
+flags.DEFINE_integer("inner_steps", 16, "Inner steps.", lower_bound=0)
+flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size.")
+flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
+flags.DEFINE_integer("cg_steps", 5, "iMAML conjugate-gradient steps.", lower_bound=1)
+flags.DEFINE_float(
     "damping",
     0.0,
     "iMAML: the linear system is ((1 + damping) I + H / (lam + lam_damping)) g = v.",
     lower_bound=0.0,
 )
-_LAM_DAMPING = flags.DEFINE_float(
+flags.DEFINE_float(
     "lam_damping",
     0.0,
     "iMAML: added to lam in the linear system only (the authors' code: --damping=1 "
     "--lam_damping=10).",
     lower_bound=0.0,
 )
-_INNER_LOOP = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "inner_loop",
     "proximal",
     ["proximal", "pull_back"],
     "iMAML: steps on the proximal objective (the paper), or plain steps on the support loss "
     "and one proximal pull-back step (the authors' code).",
 )
-_TEST_LAM = flags.DEFINE_float(
+flags.DEFINE_float(
     "test_lam",
     None,
     "iMAML: lam of the adaptation at validation and test time (0: plain fine-tuning, as the "
     "authors' test command); default: --lam.",
     lower_bound=0.0,
 )
-_CURVATURE_ITERATIONS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "curvature_iterations",
     0,
     "iMAML: Lanczos iterations for the min_curvature / indefinite_fraction metrics "
     "(smallest eigenvalue of I + H/lam per task); 0 = off.",
     lower_bound=0,
 )
-_OUTER_LR = flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.")
-_META_STEPS = flags.DEFINE_integer("meta_steps", 1000, "Meta-training steps.", lower_bound=1)
-_STEPS_PER_EPOCH = flags.DEFINE_integer(
+flags.DEFINE_float("outer_learning_rate", 1e-3, "Adam step size.")
+flags.DEFINE_integer("meta_steps", 1000, "Meta-training steps.", lower_bound=1)
+flags.DEFINE_integer(
     "steps_per_epoch", 50, "Meta-steps between validation and checkpoints.", lower_bound=1
 )
-_VAL_TASKS = flags.DEFINE_integer("val_tasks", 100, "Validation tasks per epoch.", lower_bound=1)
-_TEST_TASKS = flags.DEFINE_integer("test_tasks", 600, "Test tasks at the end.", lower_bound=1)
-_LOGDIR = flags.DEFINE_string("logdir", "runs/omniglot", "Logs, checkpoints and results.")
-_INIT_MODEL = flags.DEFINE_string(
+flags.DEFINE_integer("val_tasks", 100, "Validation tasks per epoch.", lower_bound=1)
+flags.DEFINE_integer("test_tasks", 600, "Test tasks at the end.", lower_bound=1)
+flags.DEFINE_string("logdir", "runs/omniglot", "Logs, checkpoints and results.")
+flags.DEFINE_string(
     "init_model", None, "A saved .keras model to continue (its algorithm and settings win)."
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and episodes.")
+flags.DEFINE_integer("seed", 0, "Seed for weights and episodes.")
 STRATEGIES = ("default", "mirrored", "multi_worker")
-_STRATEGY = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "strategy",
     "default",
     STRATEGIES,
@@ -128,13 +129,13 @@ _STRATEGY = flags.DEFINE_enum(
     "MultiWorkerMirroredStrategy over the workers listed in $TF_CONFIG (run the same command "
     "on every worker, each with its own TF_CONFIG task index).",
 )
-_ON_FAILURE = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "on_failure",
     "drop",
     ["drop", "first_order", "zero"],
     "What a task whose meta-gradient failed contributes (see tf_imaml.MetaLearner).",
 )
-_MAX_SKIPPED = flags.DEFINE_float(
+flags.DEFINE_float(
     "max_skipped_fraction", 0.5, "Stop when an epoch skipped more meta-steps than this."
 )
 
@@ -387,7 +388,7 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     logdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     # Same seed, same episodes, same weights: TensorFlow's CPU kernels are deterministic
-    # once op determinism is on (it costs little here; see README "Reliability").
+    # once op determinism is on (it costs little here; see docs/reliability.md).
     tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(config.strategy)
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -501,67 +502,22 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
 
 def plot_curve(curve_path: pathlib.Path, png_path: pathlib.Path, *, title: str = "") -> None:
     """Validation accuracy against meta-steps and against training hours, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    entries = [
-        e
-        for e in json.loads(curve_path.read_text())
-        if "val_sparse_categorical_accuracy" in e["logs"]
-    ]
+    entries = common.validation_curve(curve_path)
     if not entries:
         return
-    accuracy = [100 * e["logs"]["val_sparse_categorical_accuracy"] for e in entries]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    accuracy = [100 * e["logs"][common.MONITOR] for e in entries]
+    fig, axes = common.accuracy_axes(figsize=(10, 3.8))
     axes[0].plot([e["meta_steps"] for e in entries], accuracy, marker=".")
     axes[0].set_xlabel("meta-steps")
     axes[0].set_ylabel("validation accuracy (%)")
     axes[1].plot([e["train_seconds"] / 3600 for e in entries], accuracy, marker=".")
     axes[1].set_xlabel("training hours (wall clock, validation excluded)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, png_path)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = TrainConfig(
-        algorithm=_ALGORITHM.value,
-        dataset=_DATASET.value,
-        split=_SPLIT.value,
-        data_dir=_DATA_DIR.value,
-        image_size=_IMAGE_SIZE.value,
-        ways=_WAYS.value,
-        shots=_SHOTS.value,
-        queries=_QUERIES.value,
-        meta_batch_size=_META_BATCH.value,
-        inner_steps=_INNER_STEPS.value,
-        inner_learning_rate=_INNER_LR.value,
-        lam=_LAM.value,
-        cg_steps=_CG_STEPS.value,
-        damping=_DAMPING.value,
-        lam_damping=_LAM_DAMPING.value,
-        inner_loop=_INNER_LOOP.value,
-        test_lam=_TEST_LAM.value,
-        curvature_iterations=_CURVATURE_ITERATIONS.value,
-        outer_learning_rate=_OUTER_LR.value,
-        meta_steps=_META_STEPS.value,
-        steps_per_epoch=_STEPS_PER_EPOCH.value,
-        val_tasks=_VAL_TASKS.value,
-        test_tasks=_TEST_TASKS.value,
-        logdir=_LOGDIR.value,
-        init_model=_INIT_MODEL.value,
-        seed=_SEED.value,
-        strategy=_STRATEGY.value,
-        on_failure=_ON_FAILURE.value,
-        max_skipped_fraction=_MAX_SKIPPED.value,
-    )
+    config = common.config_from_flags(argv, TrainConfig)
     try:
         config.validate()
     except ValueError as err:

@@ -1,6 +1,10 @@
-"""Shared pytest setup: CPU only, quiet TensorFlow, and an eager/graph fixture."""
+"""Shared pytest setup: CPU only, quiet TensorFlow, an eager/graph fixture, data fixtures, and
+fixtures that run Python (a script as a user runs it, or a snippet) in a subprocess."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,6 +15,24 @@ if os.path.isdir(_SHARED):
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What a subprocess sees: this environment on the CPU only, with TensorFlow's C++ logs quiet.
+SUBPROCESS_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+# scripts/train.py at a size that runs in seconds (add --logdir; later flags win).
+TINY_TRAIN_FLAGS = (
+    "--meta_steps=2",
+    "--steps_per_epoch=1",
+    "--meta_batch_size=2",
+    "--val_tasks=2",
+    "--test_tasks=4",
+    "--image_size=14",
+    "--inner_steps=2",
+    "--queries=2",
+    # Two tiny tasks often both meet negative curvature; with the default "drop" every step
+    # of an epoch would be skipped and DivergenceGuard would stop the run.
+    "--on_failure=first_order",
+)
 
 
 @pytest.fixture(params=["eager", "function"])
@@ -78,3 +100,70 @@ def small_omniglot(tmp_path_factory):
             arrays[key] = arrays[key][keep]
     np.savez(path, **arrays)
     return path
+
+
+@pytest.fixture
+def run_python():
+    """`run(*args, timeout=900, cwd=None)`: `python *args` in a subprocess (see SUBPROCESS_ENV).
+
+    Returns the `subprocess.CompletedProcess`, with its output as text; a non-zero exit
+    status is the caller's to check.
+    """
+
+    def run(*args, timeout: float = 900, cwd=None) -> subprocess.CompletedProcess:
+        command = [sys.executable, *map(str, args)]
+        output = dict(capture_output=True, text=True)
+        return subprocess.run(
+            command, env=SUBPROCESS_ENV, timeout=timeout, cwd=cwd, check=False, **output
+        )
+
+    return run
+
+
+@pytest.fixture
+def run_script(run_python):
+    """`run(name, *flags, timeout=900)`: `scripts/<name>` run as a user runs it."""
+
+    def run(name: str, *flags, timeout: float = 900) -> subprocess.CompletedProcess:
+        return run_python(ROOT / "scripts" / name, *flags, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def start_script():
+    """`start(name, *flags)`: `scripts/<name>` started in the background, its output dropped.
+
+    Returns the `subprocess.Popen`; the caller waits for it (or kills it).
+    """
+
+    def start(name: str, *flags) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / name), *map(str, flags)],
+            env=SUBPROCESS_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    return start
+
+
+@pytest.fixture
+def tiny_train_flags() -> list:
+    """scripts/train.py's flags for a seconds-long run (see TINY_TRAIN_FLAGS)."""
+    return list(TINY_TRAIN_FLAGS)
+
+
+@pytest.fixture
+def summary_tags():
+    """`tags(folder)`: the set of summary tags in a folder's TensorBoard event files."""
+
+    def tags(folder: pathlib.Path) -> set:
+        return {
+            value.tag
+            for path in pathlib.Path(folder).glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value
+        }
+
+    return tags

@@ -217,13 +217,6 @@ def test_runner_honours_bazels_filter_and_xml_report(tmp_path):
     assert 'name="test_kept"' in report and "test_dropped" not in report
 
 
-def test_runner_refuses_a_missing_file(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / RUNNER), "tests/test_nothing_here.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def test_runner_refuses_a_missing_file(tmp_path, run_python):
+    proc = run_python(ROOT / RUNNER, "tests/test_nothing_here.py", timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "must be a test file" in proc.stderr

@@ -1,30 +1,16 @@
 """Smoke test of scripts/demo.py, run as a user runs it (a subprocess)."""
 
 import math
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
 # Slow: runs scripts/demo.py in subprocesses (gradient checks, then meta-training).
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def test_demo_runs_and_its_checks_agree():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--meta_steps=20"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
+def test_demo_runs_and_its_checks_agree(run_script):
+    proc = run_script("demo.py", "--meta_steps=20", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ridge = float(re.search(r"max relative error (\S+)", proc.stdout).group(1))
     fd = float(re.search(r"implicit: relative error (\S+)", proc.stdout).group(1))
@@ -43,14 +29,7 @@ def test_demo_runs_and_its_checks_agree():
     assert after < 0.97 * before, (before, after)
 
 
-def test_demo_rejects_bad_flags():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--meta_steps=-1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
-    )
+def test_demo_rejects_bad_flags(run_script):
+    proc = run_script("demo.py", "--meta_steps=-1", timeout=300)
     assert proc.returncode != 0
     assert "meta_steps" in proc.stderr

@@ -5,10 +5,7 @@ a fresh subprocess.
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -90,17 +87,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("name, tol", [("ridge", 1e-12), ("conv", 1e-5)])
-def test_mirrored_strategy_step_equals_single_device_step(name, tol):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, name],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=ROOT,
-        check=False,
-    )
+def test_mirrored_strategy_step_equals_single_device_step(name, tol, run_python):
+    proc = run_python("-c", SCRIPT, name, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])

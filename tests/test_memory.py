@@ -5,10 +5,7 @@ Each configuration runs in a fresh process and reports the growth of its peak re
 to scripts/benchmark.py (issue #6), this test only checks the direction.
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -51,28 +48,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _growth(algorithm, steps):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, algorithm, str(steps)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("GROWTH"))
-    return float(line.split()[1]), float(line.split()[3])
-
-
 @pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_maml_memory_grows_with_inner_steps_and_imaml_does_not():
-    maml_small, maml_small_peak = _growth("maml", 2)
-    maml_large, maml_large_peak = _growth("maml", 42)
-    imaml_small, imaml_small_peak = _growth("imaml", 2)
-    imaml_large, imaml_large_peak = _growth("imaml", 42)
+def test_maml_memory_grows_with_inner_steps_and_imaml_does_not(run_python):
+    def growth(algorithm, steps):
+        proc = run_python("-c", SCRIPT, algorithm, steps, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("GROWTH"))
+        return float(line.split()[1]), float(line.split()[3])
+
+    maml_small, maml_small_peak = growth("maml", 2)
+    maml_large, maml_large_peak = growth("maml", 42)
+    imaml_small, imaml_small_peak = growth("imaml", 2)
+    imaml_large, imaml_large_peak = growth("imaml", 42)
     maml_extra = maml_large_peak - maml_small_peak
     imaml_extra = imaml_large_peak - imaml_small_peak
     # Backprop through 40 more unrolled steps of 2 tasks stores their activations: tens of

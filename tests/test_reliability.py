@@ -1,10 +1,6 @@
 """Faults: SIGKILL and resume, diverging runs, determinism."""
 
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import keras
@@ -19,55 +15,24 @@ from tf_imaml import models
 # Slow: meta-training, in process and in killed and resumed subprocesses.
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-TINY = [
-    "--meta_steps=6",
-    "--steps_per_epoch=1",
-    "--meta_batch_size=2",
-    "--val_tasks=2",
-    "--test_tasks=2",
-    "--image_size=14",
-    "--inner_steps=2",
-    "--queries=2",
-    "--on_failure=first_order",
-]
-
-
-def _train_command(logdir, data):
-    return [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        f"--logdir={logdir}",
-        f"--data_dir={data}",
-        *TINY,
-    ]
-
 
 def _weights(path):
     return [v.numpy() for v in keras.models.load_model(path).learner.trainable_variables]
 
 
-def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, small_omniglot):
+def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(
+    tmp_path, small_omniglot, run_script, start_script, tiny_train_flags
+):
     # A few real Omniglot characters: resuming does not depend on how many there are, and
     # each of the three runs would otherwise spend seconds resizing all 1623 of them.
-    whole = subprocess.run(
-        _train_command(tmp_path / "whole", small_omniglot),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    # Six meta-steps of one epoch each, so that the kill after the second leaves work to do.
+    flags = [f"--data_dir={small_omniglot}", *tiny_train_flags, "--meta_steps=6", "--test_tasks=2"]
+    whole = run_script("train.py", f"--logdir={tmp_path / 'whole'}", *flags)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
     metadata = killed_dir / "backup" / "training_metadata.json"
-    process = subprocess.Popen(
-        _train_command(killed_dir, small_omniglot),
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_script("train.py", f"--logdir={killed_dir}", *flags)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
         if metadata.is_file() and '"epoch": 2' in metadata.read_text():
@@ -77,13 +42,7 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_bit_for_bit(tmp_pa
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed_dir / "results.json").exists()
 
-    resumed = subprocess.run(
-        _train_command(killed_dir, small_omniglot),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    resumed = run_script("train.py", f"--logdir={killed_dir}", *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Oracle: the uninterrupted run. Same seed, episodes continued from the checkpoint's
     # batch, optimizer state restored, deterministic CPU ops: equal to the last bit.
@@ -179,21 +138,13 @@ def test_same_seed_same_episodes_same_metrics_and_weights():
         np.testing.assert_array_equal(got, want)
     assert runs[0][1] == runs[1][1]
     data = tf_imaml.datasets.load_omniglot("val", image_size=14)
+    sampler = dict(ways=5, shots=1, queries=2, meta_batch_size=2, seed=7)
 
     def stream(num_batches, first_batch=0):
-        return list(
-            tf_imaml.episodes.few_shot_episodes(
-                data.images,
-                data.labels,
-                ways=5,
-                shots=1,
-                queries=2,
-                meta_batch_size=2,
-                seed=7,
-                num_batches=num_batches,
-                first_batch=first_batch,
-            ).as_numpy_iterator()
+        dataset = tf_imaml.episodes.few_shot_episodes(
+            data.images, data.labels, num_batches=num_batches, first_batch=first_batch, **sampler
         )
+        return list(dataset.as_numpy_iterator())
 
     episodes = [stream(3) for _ in range(2)]
     for a, b in zip(*episodes, strict=True):

@@ -1,48 +1,25 @@
 """Smoke tests of scripts/train.py, run as a user runs it (a subprocess)."""
 
 import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
 # Slow: runs scripts/train.py in subprocesses: meta-training, evaluation, resume.
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-TINY = [
-    "--meta_steps=2",
-    "--steps_per_epoch=1",
-    "--meta_batch_size=2",
-    "--val_tasks=2",
-    "--test_tasks=4",
-    "--image_size=14",
-    "--inner_steps=2",
-    "--queries=2",
-    # Two tiny tasks often both meet negative curvature; with the default "drop" every step
-    # of an epoch would be skipped and DivergenceGuard would stop the run.
-    "--on_failure=first_order",
-]
 
-
-def _run(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=900,
-        check=False,
-    )
+@pytest.fixture
+def train(run_script):
+    """`train(*flags)`: scripts/train.py in a subprocess."""
+    return lambda *flags: run_script("train.py", *flags)
 
 
 @pytest.mark.parametrize("algorithm", ["imaml", "maml"])
-def test_train_writes_model_results_split_and_logs(algorithm, tmp_path):
-    proc = _run(f"--algorithm={algorithm}", f"--logdir={tmp_path}", *TINY)
+def test_train_writes_model_results_split_and_logs(
+    algorithm, tmp_path, train, tiny_train_flags, summary_tags
+):
+    proc = train(f"--algorithm={algorithm}", f"--logdir={tmp_path}", *tiny_train_flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"test accuracy \d+\.\d+ \+- \d+\.\d+% over 4 tasks", proc.stdout)
     result = json.loads((tmp_path / "results.json").read_text())
@@ -53,21 +30,10 @@ def test_train_writes_model_results_split_and_logs(algorithm, tmp_path):
     assert (tmp_path / "model.keras").is_file()
     # The files must hold the epoch scalars, not only exist (Keras 3.15 leaves them empty when
     # update_freq does not divide the steps per epoch).
-    train_tags = _tags(tmp_path / "train")
+    train_tags = summary_tags(tmp_path / "train")
     assert {"epoch_loss", "epoch_failed_fraction", "batch_loss"} <= train_tags, train_tags
-    assert "epoch_sparse_categorical_accuracy" in _tags(tmp_path / "validation")
+    assert "epoch_sparse_categorical_accuracy" in summary_tags(tmp_path / "validation")
     assert list((tmp_path / "hparams").glob("events.out.tfevents.*"))
-
-
-def _tags(folder):
-    import tensorflow as tf
-
-    return {
-        value.tag
-        for path in folder.glob("events.out.tfevents.*")
-        for event in tf.compat.v1.train.summary_iterator(str(path))
-        for value in event.summary.value
-    }
 
 
 @pytest.mark.parametrize(
@@ -79,23 +45,25 @@ def _tags(folder):
         (["--algorithm=protonet"], "algorithm"),
     ],
 )
-def test_bad_flags_fail_before_any_work(args, message, tmp_path):
-    proc = _run(f"--logdir={tmp_path / 'run'}", *args)
+def test_bad_flags_fail_before_any_work(args, message, tmp_path, train):
+    proc = train(f"--logdir={tmp_path / 'run'}", *args)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
-def test_train_on_mini_imagenet_from_a_folder(tiny_mini_imagenet, tmp_path):
+def test_train_on_mini_imagenet_from_a_folder(
+    tiny_mini_imagenet, tmp_path, train, tiny_train_flags
+):
     data = tiny_mini_imagenet
-    proc = _run(
+    proc = train(
         "--dataset=mini_imagenet",
         f"--data_dir={data}",
         "--image_size=16",
         "--ways=3",
         f"--logdir={tmp_path / 'run'}",
         "--algorithm=fomaml",
-        *[a for a in TINY if not a.startswith("--image_size")],
+        *[a for a in tiny_train_flags if not a.startswith("--image_size")],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"fomaml mini_imagenet 3-way 1-shot: test accuracy", proc.stdout)
@@ -104,11 +72,11 @@ def test_train_on_mini_imagenet_from_a_folder(tiny_mini_imagenet, tmp_path):
 
 
 def test_campaign_resume_refuses_other_flags_and_survives_a_corrupt_checkpoint(
-    small_omniglot, tmp_path
+    small_omniglot, tmp_path, train, tiny_train_flags
 ):
     run = tmp_path / "run"
-    flags = [f"--logdir={run}", f"--data_dir={small_omniglot}", *TINY]
-    proc = _run(*flags)
+    flags = [f"--logdir={run}", f"--data_dir={small_omniglot}", *tiny_train_flags]
+    proc = train(*flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = json.loads((run / "curve.json").read_text())
     assert [e["meta_steps"] for e in curve] == [1, 2]
@@ -119,7 +87,7 @@ def test_campaign_resume_refuses_other_flags_and_survives_a_corrupt_checkpoint(
 
     # Another --lam on the same logdir: refused, the differing flag named, nothing changed.
     before = (run / "backup" / "latest.weights.h5").read_bytes()
-    proc = _run(*flags, "--lam=3.0")
+    proc = train(*flags, "--lam=3.0")
     assert proc.returncode != 0
     assert "--lam: 2.0" in proc.stderr and "3.0 now" in proc.stderr
     assert (run / "backup" / "latest.weights.h5").read_bytes() == before
@@ -127,7 +95,7 @@ def test_campaign_resume_refuses_other_flags_and_survives_a_corrupt_checkpoint(
     # Extend the run by two meta-steps with a corrupt latest checkpoint: it says so, resumes
     # from the previous one (after meta-step 1) and continues the clock from there.
     (run / "backup" / "latest.weights.h5").write_bytes(b"not a checkpoint")
-    proc = _run(*[f for f in flags if not f.startswith("--meta_steps")], "--meta_steps=4")
+    proc = train(*[f for f in flags if not f.startswith("--meta_steps")], "--meta_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unreadable" in proc.stdout and "resuming from the previous one" in proc.stdout
     resumed = json.loads((run / "curve.json").read_text())

@@ -1,0 +1,88 @@
+"""What the example apps (train, evaluate, sinusoid, demo, compare_recipes) share.
+
+- `config_from_flags`: the parsed absl flags, read once into the app's frozen config.
+- `validation_curve`: the validation entries of a run's `curve.json` (written by
+  `tf_imaml.callbacks.TimeToAccuracy` in `scripts/train.py`).
+- `accuracy_axes` and `save_figure`: the two panels of validation accuracy that train.py and
+  compare_recipes.py draw, and the finish both figures share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+from absl import app
+from absl import flags
+
+# The validation metric that curve.json records and the curves plot.
+MONITOR = "val_sparse_categorical_accuracy"
+
+
+def config_from_flags(
+    argv: list[str],
+    config_cls,
+    *,
+    flag_names: dict[str, str] | None = None,
+    keep_default: tuple[str, ...] = (),
+):
+    """The `config_cls` whose fields hold the parsed values of the flags of the same names.
+
+    Args:
+      argv: The arguments absl left after parsing the flags (the program name only, or the
+        call is a usage error).
+      config_cls: A dataclass whose fields are named like the app's flags.
+      flag_names: Fields read from a flag of another name, as `{field: flag}`.
+        Default value: `None` (every flag is named like its field).
+      keep_default: Fields that have no flag and keep their default.
+        Default value: `()`.
+
+    Returns:
+      `config_cls(...)` with every other field read from its flag.
+
+    Raises:
+      app.UsageError: If `argv` holds arguments that are not flags.
+      KeyError: If a field has no flag and is not in `keep_default`.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    flag_names = flag_names or {}
+    values = {
+        field.name: flags.FLAGS[flag_names.get(field.name, field.name)].value
+        for field in dataclasses.fields(config_cls)
+        if field.name not in keep_default
+    }
+    return config_cls(**values)
+
+
+def validation_curve(path: pathlib.Path, *, until_seconds: float = math.inf) -> list[dict]:
+    """The entries of a `curve.json` that hold a validation accuracy, up to `until_seconds`
+    of training."""
+    return [
+        e
+        for e in json.loads(pathlib.Path(path).read_text())
+        if MONITOR in e["logs"] and e["train_seconds"] <= until_seconds
+    ]
+
+
+def accuracy_axes(*, figsize: tuple[float, float]):
+    """A figure of two panels that share the validation-accuracy axis: `(fig, axes)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt.subplots(1, 2, figsize=figsize, sharey=True)
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+    """Grids every panel, fits the layout, writes the PNG (100 dpi) and frees the figure."""
+    from matplotlib import pyplot as plt
+
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
