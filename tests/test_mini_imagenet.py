@@ -46,17 +46,8 @@ def _fixture(tmp_path, per_class=4, size=12):
 
 
 def _one_episode(data, **kwargs):
-    dataset = episodes.jpeg_few_shot_episodes(
-        data.images,
-        data.labels,
-        ways=2,
-        shots=1,
-        queries=2,
-        meta_batch_size=2,
-        seed=3,
-        num_batches=1,
-        **kwargs,
-    )
+    sampler = dict(ways=2, shots=1, queries=2, meta_batch_size=2, seed=3, num_batches=1)
+    dataset = episodes.jpeg_few_shot_episodes(data.images, data.labels, **sampler, **kwargs)
     return next(iter(dataset))
 
 
