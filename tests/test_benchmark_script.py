@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+# Every sweep off; a test then turns on the ones it checks (absl: the last value wins).
+NO_SWEEPS = ("--algorithms=", "--task_batching=", "--batch_sizes=", "--cg_steps=", "--onednn=")
 
 
 def _run(*args, env=None):
@@ -26,6 +28,12 @@ def _run(*args, env=None):
     )
 
 
+def _results(proc, output_dir):
+    """The results.json of a run that must have succeeded."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((output_dir / "results.json").read_text())
+
+
 def test_benchmark_writes_tables_plot_and_results(tmp_path):
     proc = _run(
         f"--output_dir={tmp_path}",
@@ -36,7 +44,7 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
         "--cg_steps=2",
         "--onednn=fomaml",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(proc, tmp_path)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| fomaml | 1 | 2 | — | support, oneDNN off |" in table
     assert "| fomaml | 1 | 2 | — | support, oneDNN on |" in table
@@ -44,7 +52,6 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
     assert "| imaml_gd | 3 | 2 | 5 | support |" in table and "| maml | 1 | 2 | — |" in table
     assert "### Task batching (iMAML-GD)" in table and "| support |" in table
     assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((tmp_path / "results.json").read_text())
     assert results["machine"]["start"]["matmul_gflops"] > 0
     rows = {
         (r["sweep"], r["config"]["algorithm"], r["config"]["inner_steps"]): r
@@ -69,16 +76,12 @@ def test_benchmark_writes_tables_plot_and_results(tmp_path):
 def test_configurations_above_the_memory_limit_are_stopped(tmp_path):
     proc = _run(
         f"--output_dir={tmp_path}",
+        *NO_SWEEPS,
         "--algorithms=maml",
         "--inner_steps=1",
-        "--task_batching=",
-        "--batch_sizes=",
-        "--cg_steps=",
-        "--onednn=",
         "--memory_limit_gb=0.05",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _results(proc, tmp_path)
     assert [r["result"] for r in results["rows"]] == [
         {"error": "stopped above the memory limit (0.05 GB)"}
     ]
@@ -97,14 +100,10 @@ def test_mini_imagenet_net_with_onednn_off_and_on(tiny_mini_imagenet, tmp_path):
         "--dataset=mini_imagenet",
         f"--data_dir={tiny_mini_imagenet}",
         "--ways=3",
-        "--algorithms=",
-        "--task_batching=",
-        "--batch_sizes=",
-        "--cg_steps=",
+        *NO_SWEEPS,
         "--onednn=imaml_gd",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _results(proc, tmp_path)
     assert [(r["config"]["dataset"], r["config"]["onednn"]) for r in results["rows"]] == [
         ("mini_imagenet", "0"),
         ("mini_imagenet", "1"),
@@ -124,18 +123,13 @@ def test_mini_imagenet_net_with_onednn_off_and_on(tiny_mini_imagenet, tmp_path):
 def test_dtype_policies_side_by_side_with_meta_gradient_errors(tmp_path):
     proc = _run(
         f"--output_dir={tmp_path}",
-        "--algorithms=",
-        "--task_batching=",
-        "--batch_sizes=",
-        "--cg_steps=",
-        "--onednn=",
+        *NO_SWEEPS,
         "--precision=float32,mixed_bfloat16",
         # At --tiny's K = 1 every task's solve meets negative curvature and the step is
         # skipped (a zero meta-gradient); at K = 16 one of the two tasks is solved.
         "--reference_inner_steps=16",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _results(proc, tmp_path)
     assert set(results["machine"]["processor"]["flags"]) >= {"avx512_bf16", "amx_bf16"}
     rows = results["rows"]
     # The policies with oneDNN on, then float32 with oneDNN off (the round-off reference).

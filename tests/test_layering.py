@@ -46,22 +46,9 @@ def _private_uses(path: pathlib.Path) -> list[str]:
     return found
 
 
-# benchmark.py times the phases of a meta-step through MetaLearner's private members; it
-# moves to the public seams (MetaLearner.inner_solve, support_loss_fn, ...) in issue #10.
-KNOWN_OFFENDERS = {"benchmark.py"}
-
-
 @pytest.mark.parametrize(
     "path",
-    [
-        pytest.param(
-            p,
-            marks=pytest.mark.xfail(strict=True, reason="private members; issue #10")
-            if p.name in KNOWN_OFFENDERS
-            else (),
-        )
-        for p in SCRIPTS
-    ],
+    SCRIPTS,
     ids=lambda p: str(p.relative_to(ROOT / "scripts")),
 )
 def test_scripts_touch_no_private_name_of_the_library(path):
