@@ -420,12 +420,8 @@ def run(config: Config) -> dict:
         [title for _, title in COLUMNS], [[row[k] for k, _ in COLUMNS] for row in rows]
     )
     markdown = (
-        "## Study 4: iMAML's assumptions on real tasks\n\n"
-        + header
-        + "\n\n"
-        + table
-        + "\n\n"
-        + "".join(f"![{p}]({p})\n" for p in plots)
+        f"## Study 4: iMAML's assumptions on real tasks\n\n{header}\n\n{table}\n\n"
+        + reporting.image_links(plots)
         + f"\nWall time {seconds:.0f} s (short training run {train_seconds:.0f} s).\n"
     )
     summary = {

@@ -489,7 +489,7 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         + "\n\n### DivergenceGuard\n\n"
         + guard_text
         + "\n\n"
-        + "".join(f"![{p}]({p})\n" for p in plots)
+        + reporting.image_links(plots)
         + f"\nWall time {seconds:.0f} s; runs finished: {len(run_rows)} of {len(config.runs)}.\n"
     )
     summary = {

@@ -59,6 +59,11 @@ def mean_ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / np.sqrt(values.size))
 
 
+def image_links(file_names: Sequence[str]) -> str:
+    """Markdown that shows each image file, one per line."""
+    return "".join(f"![{name}]({name})\n" for name in file_names)
+
+
 def write_json(path: pathlib.Path, data) -> None:
     """Writes `data` as indented JSON (NumPy scalars and arrays converted)."""
 

@@ -42,24 +42,12 @@ def test_tiny_study_writes_tables_plots_and_consistent_counts(study, tiny, tmp_p
         assert small["not_delta_stationary"] == np.mean(~(rel <= config.delta))
 
 
-def test_tiny_mini_imagenet_study_and_models_that_do_not_fit(study, tiny_mini_imagenet, tmp_path):
-    config = study.Config(
-        output_dir=str(tmp_path),
-        dataset="mini_imagenet",
-        data_dir=str(tiny_mini_imagenet),
-        ways=3,
-        image_size=16,
-        filters=8,
-        lams=(0.5, 10.0),
-        num_tasks=2,
-        task_batch=2,
-        inner_steps=3,
-        inner_learning_rate=0.01,
-        lanczos_iterations=4,
-        train_steps=0,
-        pretrained="",
-        verbose=False,
-    )
+def test_tiny_mini_imagenet_study_and_models_that_do_not_fit(
+    study, tiny, tiny_mini_imagenet, tmp_path
+):
+    # The --tiny sizes on 3-way mini-ImageNet tasks, without the short training run.
+    mini = dict(dataset="mini_imagenet", data_dir=str(tiny_mini_imagenet), ways=3, image_size=16)
+    config = tiny(**mini, inner_learning_rate=0.01, train_steps=0, verbose=False)
     summary = study.run(config)
     md = (tmp_path / "study_assumptions.md").read_text()
     assert "mini-ImageNet 3-way 1-shot training tasks" in md and "16x16 images" in md

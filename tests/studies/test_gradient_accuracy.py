@@ -17,16 +17,9 @@ pytestmark = pytest.mark.slow
 # d = 6 parameters, 4 support points: GD contracts the slowest direction (a null direction
 # of the support Hessian) by 1 - 0.1 * lam = 0.9 per step, so after 300 steps the inner
 # error is ~0.9^300 ~ 2e-14 of the initial one, and CG is exact after d = 6 steps.
+SIZES = dict(ridge_tasks=8, ridge_dim=6, ridge_support=4, ridge_query=8, ridge_lam=1.0)
 RIDGE = dict(
-    inner_steps=(1, 5, 300),
-    cg_steps=(1, 3, 20),
-    ridge_tasks=8,
-    ridge_dim=6,
-    ridge_support=4,
-    ridge_query=8,
-    ridge_lam=1.0,
-    ridge_learning_rate=0.1,
-    weights=(),
+    SIZES, ridge_learning_rate=0.1, inner_steps=(1, 5, 300), cg_steps=(1, 3, 20), weights=()
 )
 
 

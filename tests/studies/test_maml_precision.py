@@ -13,18 +13,9 @@ from tf_imaml import tree
 pytestmark = pytest.mark.slow
 
 
+SIZES = dict(grad_tasks=2, meta_batch_size=2, test_tasks=4, queries=1, image_size=14, filters=4)
 SMALL = dict(
-    inner_steps=(1, 3),
-    learning_rates=(0.4,),
-    weights=("random",),
-    grad_tasks=2,
-    train_meta_steps=2,
-    meta_batch_size=2,
-    train_inner_steps=1,
-    test_tasks=4,
-    queries=1,
-    image_size=14,
-    filters=4,
+    SIZES, inner_steps=(1, 3), learning_rates=(0.4,), train_meta_steps=2, train_inner_steps=1
 )
 
 

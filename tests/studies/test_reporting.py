@@ -57,5 +57,6 @@ def test_write_puts_markdown_json_and_figures_in_the_folder(reporting, tmp_path,
     assert (tmp_path / "study.md").read_text() == "# x\n"
     assert json.loads((tmp_path / "study.json").read_text()) == {"a": [0, 1]}
     assert_png(tmp_path / "s.png")
+    assert reporting.image_links(["a.png", "b.png"]) == "![a.png](a.png)\n![b.png](b.png)\n"
     reporting.write(tmp_path / "", "other", data={"b": 1})
     assert not (tmp_path / "other.md").exists() and (tmp_path / "other.json").exists()
