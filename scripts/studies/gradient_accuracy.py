@@ -286,7 +286,8 @@ class ImplicitResult(NamedTuple):
 class Estimators:
     """The study's compiled computations for one loss and one `(lam, learning_rate)`.
 
-    Data are arguments, so one trace serves every meta-batch of the same shape.
+    Data are arguments, so one trace serves every meta-batch of the same shape; the CG step
+    count and tolerance are Python numbers (the solver's fields), one trace per value.
     """
 
     def __init__(self, loss_fn: LossFn, *, lam: float, learning_rate: float):
@@ -391,8 +392,8 @@ def reference_gradient(problem: Problem, est: Estimators, config: Config) -> dic
         solve = est.imaml(
             phi,
             v,
-            tf.constant(config.reference_cg_steps),
-            tf.constant(REFERENCE_CG_TOL, tf.float64),
+            config.reference_cg_steps,
+            REFERENCE_CG_TOL,
             problem.support,
         )
         trajectory.append(
@@ -492,8 +493,8 @@ def sweep(
                 r = e.imaml(
                     phi[d],
                     v,
-                    tf.constant(c),
-                    tf.constant(APPROX_CG_TOL, tf.float64),
+                    c,
+                    APPROX_CG_TOL,
                     problem.support,
                 )
                 row.append(
