@@ -50,13 +50,12 @@ import keras
 import numpy as np
 import reporting
 import tensorflow as tf
+from harness import option
 
 import tf_imaml
 from tf_imaml import tree
 
-PRETRAINED = harness.PRETRAINED
 DATASETS = ("omniglot", "mini_imagenet")
-option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Config:
     train_steps: int = option(200, "Meta-steps of the short run.", tiny=1)
     checkpoint_every: int = option(100, "Meta-steps per checkpoint.", tiny=1)
     train_meta_batch: int = option(8, "Tasks per meta-step.", tiny=2)
-    pretrained: str = option(str(PRETRAINED), "Shipped model ('' = none).", tiny="")
+    pretrained: str = option(str(harness.PRETRAINED), "Shipped model ('' = none).", tiny="")
     image_size: int | None = option(
         None, "Image side (default 28 for Omniglot, 84 for mini-ImageNet).", lower_bound=8, tiny=14
     )
@@ -114,7 +113,7 @@ class Config:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.pretrained and not pathlib.Path(self.pretrained).is_file():
             raise ValueError(f"--pretrained {self.pretrained} is not a file")
-        if self.dataset == "mini_imagenet" and self.pretrained == str(PRETRAINED):
+        if self.dataset == "mini_imagenet" and self.pretrained == str(harness.PRETRAINED):
             raise ValueError(
                 "the shipped model is an Omniglot model: with --dataset=mini_imagenet pass "
                 "--pretrained=<a mini-ImageNet model.keras from scripts/train.py> or --pretrained="

@@ -40,12 +40,10 @@ import keras
 import numpy as np
 import reporting
 import tensorflow as tf
+from harness import option
 
 import tf_imaml
 from tf_imaml import tree
-
-PRETRAINED = harness.PRETRAINED
-option = harness.option
 
 
 class Case(NamedTuple):
@@ -121,7 +119,7 @@ class Config:
     test_tasks: int = option(200, "Test tasks per run.", lower_bound=2, tiny=4)
     guard_learning_rate: float = option(5.0, "Inner lr of the diverging run.", tiny=50.0)
     guard_steps: int = option(10, "Meta-steps of the diverging run.", tiny=2)
-    pretrained: str = option(str(PRETRAINED), "Map at this model ('' = init).", tiny="")
+    pretrained: str = option(str(harness.PRETRAINED), "Map at this model ('' = init).", tiny="")
     train_from: str = option("init", "Start of the training runs.", choices=("init", "pretrained"))
     image_size: int = option(28, "Image side.", lower_bound=8, tiny=14)
     filters: int = option(64, "Conv filters.", lower_bound=1, tiny=8)

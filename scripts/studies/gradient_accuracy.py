@@ -45,6 +45,7 @@ import keras
 import numpy as np
 import reporting
 import tensorflow as tf
+from harness import option
 
 import tf_imaml
 from tf_imaml import batched
@@ -58,12 +59,10 @@ from tf_imaml import tree
 from tf_imaml import unrolled
 
 NAME = "gradient_accuracy"
-PRETRAINED_MODEL = harness.PRETRAINED
 WEIGHTS = ("pretrained", "random")
 METHODS = ("imaml", "maml", "fomaml")
 DTYPES = ("float32", "float64")
 REFERENCE_SOLVERS = ("gd", "lbfgs")
-option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +72,26 @@ class Config:
         (1, 2, 5, 10, 16, 25, 50, 100), "Inner steps K.", tiny=(1, 5, 40)
     )
     cg_steps: tuple[int, ...] = option((1, 2, 5, 10, 20), "CG steps C.", tiny=(1, 3, 10))
-    ridge_tasks: int = option(32, "Ridge regression tasks (closed-form target).", tiny=8)
-    ridge_dim: int = option(20, "Ridge parameters d.", tiny=6)
-    ridge_support: int = option(10, "Ridge support points per task.", tiny=4)
-    ridge_query: int = option(20, "Ridge query points per task.", tiny=8)
+    ridge_tasks: int = option(
+        32, "Ridge regression tasks (closed-form target).", tiny=8, lower_bound=1
+    )
+    ridge_dim: int = option(20, "Ridge parameters d.", tiny=6, lower_bound=1)
+    ridge_support: int = option(10, "Ridge support points per task.", tiny=4, lower_bound=1)
+    ridge_query: int = option(20, "Ridge query points per task.", tiny=8, lower_bound=1)
     ridge_lam: float = option(1.0, "Proximal strength (ridge).")
     ridge_learning_rate: float = option(0.1, "Inner GD step (ridge).", tiny=0.1)
     weights: tuple[str, ...] = option(
-        WEIGHTS, "Conv-net weights: pretrained and/or random (or none).", tiny=("random",)
+        WEIGHTS,
+        "Conv-net weights: pretrained and/or random (or none).",
+        tiny=("random",),
+        choices=WEIGHTS,
     )
-    conv_tasks: int = option(8, "Omniglot tasks.", tiny=2)
+    conv_tasks: int = option(8, "Omniglot tasks.", tiny=2, lower_bound=1)
     lam: float = option(2.0, "Proximal strength on the conv net.")
     inner_learning_rate: float = option(0.1, "Inner GD step on the conv net.")
-    queries: int = option(15, "Query examples per class (conv net).", tiny=2)
+    queries: int = option(15, "Query examples per class (conv net).", tiny=2, lower_bound=1)
     image_size: int = option(28, "Image side (conv net).", tiny=14)
-    filters: int = option(64, "Conv filters.", tiny=4)
+    filters: int = option(64, "Conv filters.", tiny=4, lower_bound=1)
     activation: str = option(
         "relu", "Activation of the random-init conv net (Keras name); the shipped one is ReLU."
     )
@@ -97,11 +101,11 @@ class Config:
         choices=REFERENCE_SOLVERS,
     )
     reference_inner_steps: int = option(
-        2000, "GD steps (or L-BFGS iterations at most) of the reference.", tiny=300
+        2000, "GD steps (or L-BFGS iterations at most) of the reference.", tiny=300, lower_bound=1
     )
-    reference_cg_steps: int = option(300, "CG steps of the reference.", tiny=100)
+    reference_cg_steps: int = option(300, "CG steps of the reference.", tiny=100, lower_bound=1)
     maml_task_chunk: int = option(
-        2, "Conv-net tasks unrolled together by MAML (its memory grows with K)."
+        2, "Conv-net tasks unrolled together by MAML (its memory grows with K).", lower_bound=1
     )
     seed: int = option(0, "Seed of tasks and random weights.")
 
@@ -114,23 +118,6 @@ class Config:
         for name in ("ridge_lam", "ridge_learning_rate", "lam", "inner_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in (
-            "ridge_tasks",
-            "ridge_dim",
-            "ridge_support",
-            "ridge_query",
-            "conv_tasks",
-            "queries",
-            "filters",
-            "reference_inner_steps",
-            "reference_cg_steps",
-            "maml_task_chunk",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        unknown = set(self.weights) - set(WEIGHTS)
-        if unknown:
-            raise ValueError(f"--weights must be among {WEIGHTS}, got {sorted(unknown)}")
         if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
         if self.reference_solver not in REFERENCE_SOLVERS:
@@ -245,7 +232,7 @@ def conv_model(config: Config, dtype: str, weights: str) -> keras.Model:
 def conv_weights(config: Config, weights: str) -> list[np.ndarray]:
     """The conv net's trainable weights: the shipped model's, or a seeded random init."""
     if weights == "pretrained":
-        return fewshot.pretrained_weights(PRETRAINED_MODEL)
+        return fewshot.pretrained_weights(harness.PRETRAINED)
     keras.utils.set_random_seed(config.seed)
     return [v.numpy() for v in conv_model(config, "float32", weights).trainable_variables]
 

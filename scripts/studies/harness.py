@@ -57,8 +57,9 @@ def option(
       default: The field's default (and its flag's).
       help: The flag's help text.
       tiny: The value under `--tiny` (not given: the default).
-      choices: The allowed values of a `str` field (its flag is then an enum).
-      lower_bound: The smallest value an `int` flag accepts.
+      choices: The allowed values of a `str` field (its flag is then an enum) or of the
+        items of a tuple field.
+      lower_bound: The smallest value of an `int` field (or of each item of a tuple field).
       flag: Whether the field has a flag at all.
     """
     metadata = {"help": help, "choices": choices, "lower_bound": lower_bound, "flag": flag}
@@ -125,6 +126,25 @@ def define_flags(config_cls, *, tiny: dict | None = None, flag_values=flags.FLAG
         )
 
 
+def check_fields(config) -> None:
+    """Raises `ValueError` for the first field outside its declared `lower_bound` or `choices`.
+
+    The flags enforce these for the command line; this enforces them for a config built in
+    code, and for the items of tuple fields (a list flag has no bound of its own).
+    """
+    for field in dataclasses.fields(config):
+        meta, value = field.metadata, getattr(config, field.name)
+        if value is None or not meta:
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        bound, choices = meta.get("lower_bound"), meta.get("choices")
+        if bound is not None and any(v < bound for v in items):
+            raise ValueError(f"--{field.name} must be >= {bound}, got {value}")
+        unknown = sorted(set(items) - set(choices)) if choices else []
+        if unknown:
+            raise ValueError(f"--{field.name} must be among {tuple(choices)}, got {unknown}")
+
+
 def config_from_flags(config_cls, *, tiny: dict | None = None, flag_values=flags.FLAGS):
     """The config the parsed flags describe, `--tiny` applied (see the module docstring)."""
     values = {}
@@ -150,6 +170,7 @@ def main(config_cls, run: Callable, *, tiny: dict | None = None) -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
             config = config_from_flags(config_cls, tiny=tiny)
+            check_fields(config)
             config.validate()
         except ValueError as err:
             raise app.UsageError(str(err)) from None
@@ -165,6 +186,7 @@ def command(study: str) -> str:
 
 def output_folder(config, *, deterministic: bool) -> pathlib.Path:
     """Validates `config`, creates its `output_dir`; with `deterministic`, op determinism on."""
+    check_fields(config)
     config.validate()
     out = pathlib.Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,13 +30,12 @@ import numpy as np
 import reporting
 from absl import app
 from absl import flags
+from harness import option
 
 import tf_imaml
 
-PRETRAINED = harness.PRETRAINED
 NAME = "inner_steps"
 FAILURE_POLICIES = ("drop", "first_order", "zero")
-option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Config:
         choices=FAILURE_POLICIES,
     )
     pretrained: str = option(
-        str(PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
+        str(harness.PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
     )
     seed: int = option(0, "Seed of the initial weights and training episodes.")
     log_every: int = option(25, "Print progress every this many steps.", tiny=1)

@@ -33,14 +33,13 @@ import keras
 import numpy as np
 import reporting
 import tensorflow as tf
+from harness import option
 
 import tf_imaml
 from tf_imaml import hessian_free
 
-PRETRAINED = harness.PRETRAINED
 NAME = "line_search"
 WEIGHTS = ("shipped", "random")
-option = harness.option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +69,7 @@ class Config:
     queries: int = option(15, "Query examples per class.", lower_bound=1, tiny=2)
     image_size: int = option(28, "Image side (shipped weights: 28).", tiny=14)
     filters: int = option(64, "Channels of the random-init conv net.", tiny=8)
-    pretrained: str = option(str(PRETRAINED), "The shipped model.")
+    pretrained: str = option(str(harness.PRETRAINED), "The shipped model.")
     seed: int = option(0, "Seed of the random init and of the episodes.")
 
     def validate(self) -> None:

@@ -34,14 +34,13 @@ import keras
 import numpy as np
 import reporting
 import tensorflow as tf
+from harness import option
 
 import tf_imaml
 
-NAME = "maml_precision"
-PRETRAINED_MODEL = harness.PRETRAINED
 WEIGHTS = ("random", "pretrained")
 DTYPES = ("float32", "float64")
-option = harness.option
+NAME = "maml_precision"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,23 +53,25 @@ class Config:
         (0.01, 0.1, 0.4), "Inner step sizes of part (a).", tiny=(0.4,)
     )
     weights: tuple[str, ...] = option(
-        ("random",), "Part (a) weights: random and/or pretrained (or none)."
+        ("random",), "Part (a) weights: random and/or pretrained (or none).", choices=WEIGHTS
     )
-    grad_tasks: int = option(4, "Tasks of part (a).", tiny=2)
+    grad_tasks: int = option(4, "Tasks of part (a).", tiny=2, lower_bound=1)
     lam: float = option(2.0, "iMAML's proximal strength in part (a).")
-    cg_steps: int = option(5, "iMAML's CG steps in part (a).")
+    cg_steps: int = option(5, "iMAML's CG steps in part (a).", lower_bound=1)
     maml_task_chunk: int = option(
-        2, "Tasks unrolled together in part (a) (MAML's memory grows with K)."
+        2, "Tasks unrolled together in part (a) (MAML's memory grows with K).", lower_bound=1
     )
-    train_meta_steps: int = option(200, "Meta-steps of part (b); 0 skips it.", tiny=6)
-    meta_batch_size: int = option(4, "Tasks per meta-step in part (b).", tiny=2)
-    train_inner_steps: int = option(5, "MAML's inner steps in part (b).", tiny=2)
+    train_meta_steps: int = option(
+        200, "Meta-steps of part (b); 0 skips it.", tiny=6, lower_bound=0
+    )
+    meta_batch_size: int = option(4, "Tasks per meta-step in part (b).", tiny=2, lower_bound=1)
+    train_inner_steps: int = option(5, "MAML's inner steps in part (b).", tiny=2, lower_bound=1)
     train_learning_rate: float = option(0.4, "MAML's inner step size in part (b).")
     outer_learning_rate: float = option(1e-3, "Adam step size in part (b).")
-    test_tasks: int = option(200, "Test tasks of part (b).", tiny=8)
-    queries: int = option(15, "Query examples per class.", tiny=2)
+    test_tasks: int = option(200, "Test tasks of part (b).", tiny=8, lower_bound=1)
+    queries: int = option(15, "Query examples per class.", tiny=2, lower_bound=1)
     image_size: int = option(28, "Image side.", tiny=14)
-    filters: int = option(64, "Conv filters.", tiny=4)
+    filters: int = option(64, "Conv filters.", tiny=4, lower_bound=1)
     seed: int = option(0, "Seed of tasks, weights and episodes.")
 
     def validate(self) -> None:
@@ -84,23 +85,6 @@ class Config:
         for name in ("lam", "train_learning_rate", "outer_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in (
-            "grad_tasks",
-            "cg_steps",
-            "maml_task_chunk",
-            "meta_batch_size",
-            "train_inner_steps",
-            "test_tasks",
-            "queries",
-            "filters",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_meta_steps < 0:
-            raise ValueError(f"--train_meta_steps must be >= 0, got {self.train_meta_steps}")
-        unknown = set(self.weights) - set(WEIGHTS)
-        if unknown:
-            raise ValueError(f"--weights must be among {WEIGHTS}, got {sorted(unknown)}")
         if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
 
@@ -125,7 +109,7 @@ def conv_model(config: Config, dtype: str) -> keras.Model:
 def initial_weights(config: Config, weights: str) -> list[np.ndarray]:
     """The shipped iMAML model's weights, or a seeded random init (float32 values)."""
     if weights == "pretrained":
-        return fewshot.pretrained_weights(PRETRAINED_MODEL)
+        return fewshot.pretrained_weights(harness.PRETRAINED)
     keras.utils.set_random_seed(config.seed)
     return [v.numpy() for v in conv_model(config, "float32").trainable_variables]
 

@@ -28,9 +28,9 @@ import time
 
 import harness
 import reporting
+from harness import option
 
 TRAIN_SCRIPT = harness.ROOT / "scripts" / "train.py"
-option = harness.option
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml")
 LABELS = {
     "imaml": "iMAML-GD",

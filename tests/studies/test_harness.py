@@ -96,3 +96,22 @@ def test_mean_over_trusted_tasks_and_nan_unless_finite(harness):
     assert harness.mean([1.0, np.inf]) == np.inf
     assert np.isnan(harness.mean([1.0, np.inf], nan_unless_finite=True))
     assert harness.tolist({"a": (np.arange(2), [np.ones(1)])}) == {"a": [[0, 1], [[1.0]]]}
+
+
+def test_check_fields_enforces_declared_bounds_and_choices_on_configs_built_in_code(harness):
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        tasks: int = harness.option(4, "Tasks.", lower_bound=1)
+        steps: tuple[int, ...] = harness.option((1, 2), "Steps.", lower_bound=1)
+        weights: tuple[str, ...] = harness.option(("a",), "Weights.", choices=("a", "b"))
+        mode: str = harness.option("x", "Mode.", choices=("x", "y"))
+
+    harness.check_fields(Config())
+    for changes, message in [
+        ({"tasks": 0}, "--tasks must be >= 1, got 0"),
+        ({"steps": (1, 0)}, r"--steps must be >= 1, got \(1, 0\)"),
+        ({"weights": ("a", "c")}, r"--weights must be among \('a', 'b'\), got \['c'\]"),
+        ({"mode": "z"}, r"--mode must be among \('x', 'y'\), got \['z'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            harness.check_fields(Config(**changes))
