@@ -119,6 +119,19 @@ flags.DEFINE_string("logdir", "runs/omniglot", "Logs, checkpoints and results.")
 flags.DEFINE_string(
     "init_model", None, "A saved .keras model to continue (its algorithm and settings win)."
 )
+flags.DEFINE_float(
+    "init_learning_rate",
+    None,
+    "With --init_model: the Adam step size from now on (default: the saved optimizer's); a "
+    "lower one continues a run with a decayed step.",
+)
+flags.DEFINE_integer(
+    "first_meta_batch",
+    None,
+    "Where the seeded training stream starts (default 0): a run continued from --init_model "
+    "with the same --seed passes the meta-steps already taken, so it meets new tasks.",
+    lower_bound=0,
+)
 flags.DEFINE_integer("seed", 0, "Seed for weights and episodes.")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 flags.DEFINE_enum(
@@ -167,6 +180,8 @@ class TrainConfig:
     test_tasks: int = 600
     logdir: str = "runs/omniglot"
     init_model: str | None = None
+    init_learning_rate: float | None = None
+    first_meta_batch: int | None = None  # None (as in runs recorded before the flag): 0.
     seed: int = 0
     strategy: str = "default"
     on_failure: str = "drop"
@@ -205,6 +220,11 @@ class TrainConfig:
                 )
         if self.init_model and not pathlib.Path(self.init_model).is_file():
             raise ValueError(f"--init_model {self.init_model} is not a file")
+        if self.init_learning_rate is not None:
+            if not self.init_model:
+                raise ValueError("--init_learning_rate needs --init_model")
+            if not self.init_learning_rate > 0:
+                raise ValueError(f"--init_learning_rate must be > 0, got {self.init_learning_rate}")
 
 
 def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta_model.MetaLearner:
@@ -411,6 +431,8 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     with strategy.scope():
         if config.init_model:
             meta = keras.models.load_model(config.init_model)
+            if config.init_learning_rate is not None:
+                meta.optimizer.learning_rate = config.init_learning_rate
         else:
             learner = build_learner(config)
             meta = build_meta_model(config, learner)
@@ -430,7 +452,9 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
         )
     eval_batch = min(config.meta_batch_size, 20)
     # A resumed run continues the episode stream where its checkpoint left it.
-    first_batch = resumed_epoch(logdir / "backup") * config.steps_per_epoch
+    first_batch = (config.first_meta_batch or 0) + resumed_epoch(
+        logdir / "backup"
+    ) * config.steps_per_epoch
     train_data = episodes(
         config,
         data["train"],

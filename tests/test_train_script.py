@@ -43,6 +43,7 @@ def test_train_writes_model_results_split_and_logs(
         (["--lam=0"], "--lam must be > 0"),
         (["--meta_steps=5", "--steps_per_epoch=2"], "multiple of --steps_per_epoch"),
         (["--algorithm=protonet"], "algorithm"),
+        (["--init_learning_rate=1e-4"], "--init_learning_rate needs --init_model"),
     ],
 )
 def test_bad_flags_fail_before_any_work(args, message, tmp_path, train):
@@ -103,3 +104,26 @@ def test_campaign_resume_refuses_other_flags_and_survives_a_corrupt_checkpoint(
     assert resumed[0] == curve[0]  # kept; epoch 1 was redone from the previous checkpoint
     assert resumed[1]["train_seconds"] > resumed[0]["train_seconds"]
     assert json.loads((run / "results.json").read_text())["meta_steps"] == 4
+
+
+def test_a_continued_run_takes_a_new_step_size_and_starts_later_in_the_stream(
+    small_omniglot, tmp_path, train, tiny_train_flags
+):
+    flags = [f"--data_dir={small_omniglot}", *tiny_train_flags]
+    proc = train(f"--logdir={tmp_path / 'first'}", "--outer_learning_rate=3e-3", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train(
+        f"--logdir={tmp_path / 'second'}",
+        f"--init_model={tmp_path / 'first' / 'model.keras'}",
+        "--init_learning_rate=1e-4",
+        "--first_meta_batch=2",
+        *flags,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import keras
+
+    for run, rate in (("first", 3e-3), ("second", 1e-4)):
+        model = keras.models.load_model(tmp_path / run / "model.keras")
+        assert float(model.optimizer.learning_rate) == pytest.approx(rate), run
+    recorded = json.loads((tmp_path / "second" / "flags.json").read_text())
+    assert recorded["first_meta_batch"] == 2 and recorded["init_learning_rate"] == 1e-4
