@@ -162,3 +162,55 @@ def test_zero_steps_under_tf_function_with_unknown_task_count():
     result = solve(tf.ones([3, 2], tf.float64), tf.constant(0))
     assert result.step_status.shape == (0, 3) and result.objectives.shape == (1, 3)
     np.testing.assert_array_equal(result.inner.adapted_params[0].numpy(), np.ones([3, 2]))
+
+
+@pytest.mark.parametrize("step_size, newton_damping", [(0.3, 0.0), (1.0, 10.0), (0.3, 10.0)])
+def test_fixed_step_and_damped_newton_step_on_ridge(step_size, newton_damping, run):
+    tasks = testing.linear_tasks(num_tasks=3, num_support=5, num_query=1, dim=4, seed=0)
+    loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    theta = tree.broadcast_to_tasks([tf.constant(np.linspace(-1.0, 1.0, 4))], 3)
+    lam = 2.0
+    traced = run(
+        lambda: hessian_free.proximal_newton(
+            loss_fn,
+            theta,
+            lam=lam,
+            num_steps=1,
+            cg_steps=4,
+            use_line_search=False,
+            step_size=step_size,
+            newton_damping=newton_damping,
+        )
+    )
+    # Oracle: the dense step theta - alpha (H + (lam + mu) I)^-1 grad L(theta) (grad G =
+    # grad L at theta), H = 2 X^T X / n (testing.ridge_hessian), solved by np.linalg.solve;
+    # CG is exact in 4 iterations on 4 unknowns, so only rounding separates them.
+    hessian = testing.ridge_hessian(tasks.support_x)
+    x, y, t = tasks.support_x.numpy(), tasks.support_y.numpy(), theta[0].numpy()
+    grad = 2.0 * np.einsum("tni,tn->ti", x, np.einsum("tni,ti->tn", x, t) - y) / x.shape[1]
+    system = hessian + (lam + newton_damping) * np.eye(4)
+    expected = t - step_size * np.linalg.solve(system, grad[..., None])[..., 0]
+    np.testing.assert_allclose(traced.inner.adapted_params[0].numpy(), expected, atol=1e-12)
+    np.testing.assert_array_equal(traced.step_sizes.numpy(), step_size)
+    # The objective keeps lam: G at the new point, not a damped G.
+    exact = testing.ridge_proximal_solution(tasks.support_x, tasks.support_y, t, lam)
+    if (step_size, newton_damping) != (1.0, 0.0):
+        assert np.all(np.abs(traced.inner.adapted_params[0].numpy() - exact).max(axis=1) > 1e-3)
+
+
+def test_hessian_free_solver_passes_step_size_and_damping():
+    import tf_imaml
+
+    tasks = testing.linear_tasks(num_tasks=2, num_support=5, num_query=1, dim=3, seed=1)
+    loss_fn = testing.ridge_loss_fn(tasks.support_x, tasks.support_y)
+    theta = tree.broadcast_to_tasks([tf.constant([0.5, -0.5, 1.0], tf.float64)], 2)
+    options = dict(use_line_search=False, step_size=0.3, newton_damping=10.0)
+    solver = tf_imaml.HessianFree(cg_steps=3, **options)
+    got = solver(loss_fn, theta, lam=1.0, num_steps=2, learning_rate=0.1)
+    want = hessian_free.proximal_newton(loss_fn, theta, lam=1.0, num_steps=2, cg_steps=3, **options)
+    np.testing.assert_array_equal(got.adapted_params[0].numpy(), want.inner.adapted_params[0])
+    assert tf_imaml.HessianFree.from_config(solver.get_config()) == solver
+    with pytest.raises(ValueError, match="step_size must be > 0"):
+        tf_imaml.HessianFree(step_size=0.0)
+    with pytest.raises(ValueError, match="newton_damping must be >= 0"):
+        hessian_free.proximal_newton(loss_fn, theta, lam=1.0, num_steps=1, newton_damping=-1.0)

@@ -7,7 +7,12 @@ For every task, each step solves the Newton system of
 
 approximately by a few conjugate-gradient iterations over Hessian-vector products (Martens
 2010; the paper uses 5), then moves `phi <- phi + alpha d` with `alpha` from TensorFlow
-Probability's Hager-Zhang line search (Wolfe conditions), run for all tasks at once.
+Probability's Hager-Zhang line search (Wolfe conditions), run for all tasks at once, or
+with a fixed `alpha = step_size` (1: the full Newton step). With `newton_damping = mu > 0`
+the directions solve the damped system `(H(phi) + (lam + mu) I) d = -grad G(phi)` instead
+(Tikhonov damping, Martens 2010, section 4.1): shorter steps, turned towards `-grad G`, and
+positive definite wherever the Hessian's smallest eigenvalue is above `-(lam + mu)`; the
+objective `G` keeps `lam`.
 
 CG is `linear_solve.solve_cg`, which stops a task on curvature `p.Ap <= 0` and keeps its last
 iterate; a task whose first direction already has non-positive curvature falls back to the
@@ -102,6 +107,8 @@ def proximal_newton(
     num_steps,
     cg_steps: int = 5,
     use_line_search: bool = True,
+    step_size=1.0,
+    newton_damping=0.0,
     hvp_mode: str = "linearized",
     name: str | None = None,
 ) -> NewtonSolveResult:
@@ -114,7 +121,11 @@ def proximal_newton(
       num_steps: Newton steps, a Python int or int32 tensor, `>= 0`.
       cg_steps: CG iterations per Newton direction, `>= 1`. Default value: `5`.
       use_line_search: Choose each step length by Hager-Zhang line search; otherwise take
-        the full Newton step (`alpha = 1`). Default value: `True`.
+        steps of length `step_size`. Default value: `True`.
+      step_size: The step length `alpha` without the line search, `> 0` (unused with it).
+        Default value: `1.0` (the full Newton step).
+      newton_damping: `mu >= 0` added to `lam` in the Newton system only,
+        `(H + (lam + mu) I) d = -grad G`. Default value: `0.0` (the Newton system itself).
       hvp_mode: See `tf_imaml.hvp`. Default value: `"linearized"` (as
         `solvers.DEFAULT_HVP_MODE`).
       name: Name scope. Default value: `None` (`"proximal_newton"`).
@@ -123,16 +134,20 @@ def proximal_newton(
       A `NewtonSolveResult`.
 
     Raises:
-      ValueError: If `lam <= 0`, `num_steps < 0` or `cg_steps < 1`.
+      ValueError: If `lam <= 0`, `num_steps < 0`, `cg_steps < 1`, `step_size <= 0` or
+        `newton_damping < 0`.
     """
     checks.check_positive("lam", lam)
     checks.check_non_negative("num_steps", num_steps)
     checks.check_positive("cg_steps", cg_steps)
+    checks.check_positive("step_size", step_size)
+    checks.check_non_negative("newton_damping", newton_damping)
     with tf.name_scope(name or "proximal_newton"):
         meta_params, lam = inner_solvers.constant_theta_and_lam(meta_params, lam)
         dtype = lam.dtype
         num_steps = tf.cast(num_steps, tf.int32)
         objective_fn = inner_solvers.proximal_objective_fn(support_loss_fn, meta_params, lam)
+        system_lam = lam + _as(newton_damping, dtype)
 
         def value_and_grad(params):
             return hvp_lib.value_and_grad(objective_fn, params)
@@ -140,7 +155,7 @@ def proximal_newton(
         def step(i, params, objective, grads, traces, counts):
             def matvec(v):
                 hv = hvp_lib.hvp(support_loss_fn, params, v, mode=hvp_mode)
-                return tree.axpy(lam, v, hv)
+                return tree.axpy(system_lam, v, hv)
 
             minus_g = tree.scale(-1.0, grads)
             solve = linear_solve.solve_cg(matvec, minus_g, max_iter=cg_steps, tol=1e-10)
@@ -149,7 +164,7 @@ def proximal_newton(
             if use_line_search:
                 alpha, status = _line_search(value_and_grad, params, direction, grads)
             else:
-                alpha = tf.ones_like(objective)
+                alpha = tf.fill(tf.shape(objective), _as(step_size, dtype))
                 status = tf.fill(tf.shape(objective), STEP_TAKEN)
             # A step not taken keeps phi as it is (even where `direction` is not finite).
             moved = (status == STEP_TAKEN) | (status == STEP_UNBOUNDED)
@@ -213,6 +228,11 @@ def proximal_newton(
             num_increased=count(STEP_INCREASED),
             num_unbounded=count(STEP_UNBOUNDED),
         )
+
+
+def _as(value, dtype) -> tf.Tensor:
+    """`value` in `dtype`; a Python float converted directly (not rounded through float32)."""
+    return tf.cast(tf.convert_to_tensor(value, dtype_hint=dtype), dtype)
 
 
 def _line_search(value_and_grad, params, direction, grads):

@@ -245,8 +245,12 @@ class HessianFree(_Config):
 
     Args:
       cg_steps: CG iterations per Newton direction, `>= 1`. Default value: `5`.
-      use_line_search: Hager-Zhang line search for the step length; otherwise full Newton
-        steps. Default value: `True`.
+      use_line_search: Hager-Zhang line search for the step length; otherwise steps of
+        length `step_size`. Default value: `True`.
+      step_size: The step length without the line search, `> 0`. Default value: `1.0`
+        (full Newton steps).
+      newton_damping: Added to `lam` in the Newton system only (Tikhonov damping),
+        `>= 0`. Default value: `0.0`.
       hvp_mode: See `CG`. Default value: `"linearized"`.
 
     Raises:
@@ -255,11 +259,15 @@ class HessianFree(_Config):
 
     cg_steps: int = 5
     use_line_search: bool = True
+    step_size: float = 1.0
+    newton_damping: float = 0.0
     hvp_mode: str = DEFAULT_HVP_MODE
 
     _CHECKS: ClassVar[dict] = dict(
         cg_steps=functools.partial(_check_int, 1),
         use_line_search=_check_bool,
+        step_size=checks.check_positive,
+        newton_damping=checks.check_non_negative,
         hvp_mode=functools.partial(_choice, hvp_lib.HVP_MODES),
     )
 
@@ -282,6 +290,8 @@ class HessianFree(_Config):
             num_steps=num_steps,
             cg_steps=self.cg_steps,
             use_line_search=self.use_line_search,
+            step_size=self.step_size,
+            newton_damping=self.newton_damping,
             hvp_mode=self.hvp_mode,
         ).inner
 
