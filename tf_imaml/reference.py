@@ -37,11 +37,14 @@ def lbfgs_proximal_minimum(
     max_iterations: int,
     tolerance: float = 1e-12,
     num_correction_pairs: int = 20,
+    init_params: list | None = None,
 ) -> ProximalMinimumResult:
     """Minimises every task's `G(phi) = loss_fn(phi) + lam/2 ||phi - theta||^2` by L-BFGS.
 
     The task-batched parameters are flattened to `[T, N]` and solved as a batch of
-    independent problems from `phi = theta`. A task stops when the largest entry of its
+    independent problems from `phi = theta`, or from `init_params` (a warm start, e.g. the
+    iterate of gradient descent, so that L-BFGS finds the minimiser that path approaches
+    when `G` has several). A task stops when the largest entry of its
     gradient is below `tolerance` (or `G` stops changing); the relative tolerances on `phi`
     and `G` are off, so the solver runs until the gradient test or `max_iterations`.
 
@@ -54,12 +57,15 @@ def lbfgs_proximal_minimum(
         Default value: 1e-12 (round-off level in float64).
       num_correction_pairs: Curvature pairs L-BFGS keeps.
         Default value: 20.
+      init_params: The start point, structured like `meta_params`.
+        Default value: `None` (theta).
 
     Returns:
       A `ProximalMinimumResult`.
 
     Raises:
-      ValueError: If `lam` is negative or `max_iterations` is below 1.
+      ValueError: If `lam` is negative, `max_iterations` is below 1 or `init_params` is not
+        shaped like `meta_params`.
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
@@ -67,6 +73,14 @@ def lbfgs_proximal_minimum(
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
     theta = meta_params
     theta_flat = tree.flatten_tasks(theta)
+    start = theta_flat
+    if init_params is not None:
+        start = tree.flatten_tasks(init_params)
+        if start.shape != theta_flat.shape or start.dtype != theta_flat.dtype:
+            raise ValueError(
+                f"init_params must be shaped like meta_params: {start.dtype.name} "
+                f"{start.shape} vs {theta_flat.dtype.name} {theta_flat.shape}"
+            )
 
     @tf.function
     def value_and_gradients(x):
@@ -78,7 +92,7 @@ def lbfgs_proximal_minimum(
 
     result = tfp.optimizer.lbfgs_minimize(
         value_and_gradients,
-        initial_position=theta_flat,
+        initial_position=start,
         tolerance=tolerance,
         x_tolerance=0.0,
         f_relative_tolerance=0.0,
