@@ -13,9 +13,12 @@ several `lam`, with the paper's inner loop (gradient descent from `theta` on
   and *diverged* when it exceeds 1 (or is not finite).
 - positive definiteness: the smallest eigenvalue of `I + H/lam` at `phi_K`, from
   `tf_imaml.curvature.proximal_curvature` (Lanczos). Lanczos estimates it from above, so a
-  negative estimate proves indefiniteness; the counted fraction is a lower bound. Also the
-  largest eigenvalue `L` of `H` (from below) and whether `lr (lam + L) > 2`, where gradient
-  descent on `G` is unstable.
+  negative estimate proves indefiniteness; the counted fraction is a lower bound, and a task
+  not counted is not proven positive definite. The same estimate gives the smallest
+  eigenvalue of the damped systems the authors' code solves, `(1 + damping) I + H/lam` and
+  `(1 + damping) I + H/(lam + lam_damping)` (`2I + H/(lam + 10)` with their defaults), by
+  `system_min_eigenvalue`; these are upper bounds too. Also the largest eigenvalue `L` of `H`
+  (from below) and whether `lr (lam + L) > 2`, where gradient descent on `G` is unstable.
 - Hessian Lipschitz constant along the inner path: `max_k ||H(phi_{k+1}) v - H(phi_k) v|| /
   ||phi_{k+1} - phi_k||` for one random unit `v` per task (a lower bound on the local
   constant in that direction).
@@ -64,12 +67,18 @@ class Config:
     lams: tuple[float, ...] = option(
         (0.5, 1.0, 2.0, 5.0, 10.0), "Proximal strengths lam.", tiny=(0.5, 10.0)
     )
-    num_tasks: int = option(32, "Tasks per checkpoint and lam.", lower_bound=1, tiny=2)
+    num_tasks: int = option(64, "Tasks per checkpoint and lam.", lower_bound=1, tiny=2)
     task_batch: int = option(8, "Tasks evaluated together.", lower_bound=1, tiny=2)
     inner_steps: int = option(16, "Inner GD steps K.", lower_bound=1, tiny=3)
     inner_learning_rate: float = option(0.1, "Inner GD step size.")
     lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2, tiny=4)
     delta: float = option(0.1, "Not delta-stationary: ||grad G(phi_K)|| > delta ||grad G(theta)||.")
+    damping: float = option(
+        1.0, "The damped systems' extra identity term (the authors' cg_damping: 1)."
+    )
+    lam_damping: float = option(
+        10.0, "Added to lam in the authors' system (their lam_damping: 10)."
+    )
     train_steps: int = option(200, "Meta-steps of the short run.", tiny=1)
     checkpoint_every: int = option(100, "Meta-steps per checkpoint.", tiny=1)
     train_meta_batch: int = option(8, "Tasks per meta-step.", tiny=2)
@@ -105,6 +114,10 @@ class Config:
             raise ValueError(f"--lams must be positive, got {self.lams}")
         if self.inner_learning_rate <= 0 or self.delta <= 0:
             raise ValueError("--inner_learning_rate and --delta must be > 0")
+        if not (self.damping >= 0 and self.lam_damping >= 0):
+            raise ValueError(
+                f"--damping and --lam_damping must be >= 0, got {self.damping}, {self.lam_damping}"
+            )
         if self.train_steps and (
             self.checkpoint_every < 1 or self.train_steps % self.checkpoint_every
         ):
@@ -124,6 +137,44 @@ class Config:
 
 
 TINY = harness.tiny_values(Config)
+
+
+def system_min_eigenvalue(min_eig, lam, *, damping: float = 0.0, lam_damping: float = 0.0):
+    """The smallest-eigenvalue estimate of `(1 + damping) I + H/(lam + lam_damping)`.
+
+    `min_eig` is the smallest Ritz value `r` of `I + H/lam` (Lanczos, as
+    `proximal_curvature` returns it). A shift and positive scaling of a matrix leaves its
+    Krylov spaces unchanged and moves its Ritz values by the same affine map, so the Ritz
+    value of `H` from the same run is `mu = lam (r - 1)`, and that of the other system is
+
+        1 + damping + mu / (lam + lam_damping).
+
+    This is the value a Lanczos run on that system with the same start vector would return,
+    and, like `r`, an upper bound on the true smallest eigenvalue (`mu >= lambda_min(H)` and
+    the map increases with `mu`): a negative value proves the system indefinite, a positive
+    one proves nothing.
+
+    Args:
+      min_eig: Estimates of `lambda_min(I + H/lam)`, any shape.
+      lam: The proximal strength they were taken at, `> 0`.
+      damping: The extra identity term, `>= 0`. Default value: `0.0`.
+      lam_damping: Added to `lam` in the system, `>= 0`. Default value: `0.0`.
+
+    Returns:
+      The estimates for the damped system, an array shaped like `min_eig`.
+    """
+    hessian_min = lam * (np.asarray(min_eig, np.float64) - 1.0)
+    return 1.0 + damping + hessian_min / (lam + lam_damping)
+
+
+def systems(config: Config) -> dict[str, tuple[str, float, float]]:
+    """`{per-task key: (label, damping, lam_damping)}` of the systems whose definiteness is counted."""
+    d, ld = config.damping, config.lam_damping
+    return {
+        "min_eig": ("I+H/lam", 0.0, 0.0),
+        "min_eig_damped": (f"{1 + d:g}I+H/lam", d, 0.0),
+        "min_eig_authors": (f"{1 + d:g}I+H/(lam+{ld:g})", d, ld),
+    }
 
 
 def _learner(config: Config) -> keras.Model:
@@ -290,6 +341,11 @@ def measure_all(config: Config, weights: dict, data) -> dict:
             ]
             values = fewshot.concat_tasks(parts, config.num_tasks)
             values["rel_grad_norm"] = values["grad_norm"] / values["grad_norm_start"]
+            for key, (_, damping, lam_damping) in systems(config).items():
+                if key != "min_eig":
+                    values[key] = system_min_eigenvalue(
+                        values["min_eig"], lam, damping=damping, lam_damping=lam_damping
+                    )
             results[name][lam] = values
             harness.log(
                 config.verbose,
@@ -316,7 +372,14 @@ def summarize(config: Config, results: dict) -> list[dict]:
                     "num_tasks": int(rel.size),
                     "not_delta_stationary": float(np.mean(~(rel <= config.delta))),
                     "diverged": float(np.mean(diverged)),
-                    "indefinite": float(np.mean(~(v["min_eig"] > 0))),
+                    **{
+                        f"{prefix}{key.replace('min_eig', 'indefinite')}": value
+                        for key in systems(config)
+                        for prefix, value in (
+                            ("", float(np.mean(~(v[key] > 0)))),
+                            ("num_", int(np.sum(~(v[key] > 0)))),
+                        )
+                    },
                     "lr_unstable": float(np.mean(lr_unstable)),
                     "median_grad_norm": float(np.median(v["grad_norm"])),
                     "median_rel_grad_norm": float(np.median(rel)),
@@ -328,6 +391,15 @@ def summarize(config: Config, results: dict) -> list[dict]:
                 }
             )
     return rows
+
+
+def columns(config: Config) -> tuple[tuple[str, str], ...]:
+    """`(row key, title)` of the table: COLUMNS with the indefinite counts of every system."""
+    counts = tuple(
+        (f"num_{key.replace('min_eig', 'indefinite')}", f"{label} indefinite (tasks)")
+        for key, (label, _, _) in systems(config).items()
+    )
+    return COLUMNS[:5] + counts + COLUMNS[5:]
 
 
 COLUMNS = (
@@ -413,10 +485,19 @@ def run(config: Config) -> dict:
         f"steps of {config.inner_learning_rate:g} from theta; Lanczos "
         f"{config.lanczos_iterations} iterations; delta = {config.delta:g} (relative). "
         f"Checkpoints: {', '.join(weights)}. Fractions of tasks; L is the Lanczos estimate of "
-        "the support-loss Hessian's largest eigenvalue at phi_K."
+        "the support-loss Hessian's largest eigenvalue at phi_K.\n\n"
+        "Counts of tasks whose system is provably indefinite (a negative smallest Ritz value) "
+        "beside the paper's `I + H/lam`: the authors' code solves "
+        f"`{1 + config.damping:g} I + H/(lam + {config.lam_damping:g})` "
+        "(cg_damping and lam_damping), and `"
+        f"{1 + config.damping:g} I + H/lam` shows the identity term alone. All three come from the "
+        "same Lanczos run on `I + H/lam` (Ritz value `r`, Hessian Ritz value `lam (r - 1)`, "
+        "mapped to each system). Lanczos bounds the smallest eigenvalue from above: a count is "
+        "a lower bound, and a zero count is not a proof of positive definiteness."
     )
+    cols = columns(config)
     table = reporting.markdown_table(
-        [title for _, title in COLUMNS], [[row[k] for k, _ in COLUMNS] for row in rows]
+        [title for _, title in cols], [[row[k] for k, _ in cols] for row in rows]
     )
     markdown = (
         f"## Study 4: iMAML's assumptions on real tasks\n\n{header}\n\n{table}\n\n"
