@@ -3,22 +3,32 @@
 Part 1, a failure map: on real Omniglot 5-way 1-shot training tasks at fixed meta-parameters
 (the shipped model by default), each case below runs the library's own pieces, as
 `ImplicitMAML.train_step` does: the inner loop (`minimize_proximal`, gradient descent from
-`theta`), the query gradient at `phi`, the implicit meta-gradient by CG (`linear_solve.solve_cg`,
-which stops on curvature `p.Ap <= 0`), and a Lanczos estimate of the smallest eigenvalue of the
-matrix CG inverts, `(1 + damping) I + H/lam` (`tf_imaml.curvature`). Cases: the paper's
+`theta`; or the authors' `minimize_then_pull_back`), the query gradient at `phi`, the implicit
+meta-gradient by CG (`linear_solve.solve_cg`, which stops on curvature `p.Ap <= 0`), and a
+Lanczos estimate of the smallest eigenvalue of the matrix CG inverts,
+`(1 + damping) I + H/(lam + lam_damping)` (`tf_imaml.curvature`). Cases: the paper's
 setting; `lam` small against the curvature; too few inner steps; an inner learning rate too
 large for `lam` (gradient descent on the proximal objective diverges when
-`lr > 2 / (L + lam)`); damping. Counted per case: tasks whose inner loop diverged
+`lr > 2 / (L + lam)`); damping; the authors' system (pull-back loop, `2 I + H/(lam + 10)`).
+Counted per case: tasks whose inner loop diverged
 (`||grad G(phi_K)|| > ||grad G(theta)||` or not finite), tasks not delta-stationary, tasks
 whose linear solve failed (the library's `failed` flag: what `failed_fraction` counts and what
 `on_failure` acts on), of these the ones stopped by negative curvature, and tasks where
 Lanczos shows the matrix indefinite.
 
-Part 2, a side-by-side training comparison from the same initial weights on the same
-episodes: iMAML with `on_failure` = drop / first_order / zero, iMAML with damping, a lam sweep
-(0.5 to 50, each larger lam with the smaller inner step it needs), and first-order MAML; each evaluated on the same held-out test tasks (mean
-+- 95% CI), with its `failed_fraction` and `skipped_steps`. Then a run with an inner learning
-rate far too large under `tf_imaml.callbacks.DivergenceGuard`, to show the guard stopping it.
+Part 2, a side-by-side training comparison: every run (iMAML with `on_failure` = drop /
+first_order / zero, iMAML with damping, the authors' system `imaml_authors`, a lam sweep from
+0.5 to 50 with the smaller inner step a larger lam needs, first-order MAML, and no training)
+is trained once per training seed (`--seeds`; a seed sets the episodes, and the initial
+weights unless all runs start from one model: `--train_from=pretrained` or `--init_model`).
+Every trained model is scored on the same held-out test tasks under its own test-time
+adaptation and under identical adaptations (`--eval_lams`: proximal GD from theta at each lam,
+lam 0 being plain GD fine-tuning), so that a difference in adaptation cannot pass for a
+difference in training. Reported per run and adaptation: the mean over seeds with its 95% t
+interval (`stats.seed_interval`), the per-task accuracies of every seed, `failed_fraction` and
+`skipped_steps`; per run against `--reference_run`: paired per-task and per-seed tests
+(`stats.compare_arms`). A run with an inner learning rate far too large runs under
+`tf_imaml.callbacks.DivergenceGuard`, to show the guard stopping it.
 
 Writes `<output_dir>/study_failures.{md,json}` and PNG plots.
 
@@ -39,6 +49,7 @@ import harness
 import keras
 import numpy as np
 import reporting
+import stats
 import tensorflow as tf
 from harness import option
 
@@ -54,6 +65,8 @@ class Case(NamedTuple):
     inner_learning_rate: float  # Inner GD step size.
     inner_steps: int  # Inner GD steps K.
     damping: float  # Extra identity term of the linear system.
+    lam_damping: float = 0.0  # Added to lam in the linear system only.
+    pull_back: bool = False  # Inner loop: plain steps and one pull-back (the authors').
 
 
 CASES = (
@@ -67,10 +80,12 @@ CASES = (
     Case("lr too large (0.5)", 2.0, 0.5, 16, 0.0),
     Case("lr far too large (2.0)", 2.0, 2.0, 16, 0.0),
     Case("damping 1.0", 2.0, 0.1, 16, 1.0),
+    Case("authors' system", 2.0, 0.1, 16, 1.0, lam_damping=10.0, pull_back=True),
 )
 TINY_CASES = (
     Case("paper setting", 2.0, 0.1, 3, 0.0),
     Case("lr far too large (50)", 2.0, 50.0, 3, 0.0),
+    Case("authors' system", 2.0, 0.1, 3, 1.0, lam_damping=10.0, pull_back=True),
 )
 
 RUNS = {
@@ -81,6 +96,19 @@ RUNS = {
     "imaml_first_order": ("imaml", dict(lam=2.0, on_failure="first_order")),
     "imaml_zero": ("imaml", dict(lam=2.0, on_failure="zero")),
     "imaml_damping1": ("imaml", dict(lam=2.0, damping=1.0, on_failure="drop")),
+    # The authors' system (imaml_dev): plain inner steps on the support loss and one
+    # proximal pull-back, the damped system (1 + 1) I + H / (lam + 10), test-time lam 0.
+    "imaml_authors": (
+        "imaml",
+        dict(
+            lam=2.0,
+            damping=1.0,
+            lam_damping=10.0,
+            inner_loop="pull_back",
+            test_lam=0.0,
+            on_failure="drop",
+        ),
+    ),
     "imaml_lam5": ("imaml", dict(lam=5.0, on_failure="drop")),
     # A lam sweep in training: does a larger lam make the implicit gradient usable (fewer
     # failed solves) without giving up the adaptation that a small lam allows? A larger lam
@@ -97,6 +125,7 @@ RUNS = {
     ),
     "fomaml": ("fomaml", dict()),
 }
+DEFAULT_RUNS = ("no_training", "imaml_drop", "imaml_first_order", "imaml_authors", "fomaml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,18 +138,41 @@ class Config:
     lanczos_iterations: int = option(20, "Lanczos iterations.", lower_bound=2, tiny=4)
     delta: float = option(0.1, "Relative stationarity threshold.")
     runs: tuple[str, ...] = option(
-        tuple(RUNS), "Training runs compared.", tiny=("imaml_drop", "fomaml")
+        DEFAULT_RUNS,
+        f"Training runs compared, among {sorted(RUNS)}.",
+        tiny=("imaml_drop", "imaml_authors", "fomaml"),
     )
-    meta_steps: int = option(150, "Meta-steps per training run.", tiny=2)
-    steps_per_epoch: int = option(50, "Meta-steps per epoch.", tiny=1)
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2, 3, 4),
+        "Training seeds of every run (initial weights when training from init, and the "
+        "training episodes); the test tasks are the same for every seed.",
+        tiny=(0, 1),
+    )
+    meta_steps: int = option(2000, "Meta-steps per training run.", tiny=2)
+    steps_per_epoch: int = option(100, "Meta-steps per epoch.", tiny=1)
     meta_batch_size: int = option(8, "Tasks per meta-step.", lower_bound=1, tiny=2)
     inner_steps: int = option(16, "Inner steps of the runs.", tiny=2)
     inner_learning_rate: float = option(0.1, "Inner step size of the runs.")
     test_tasks: int = option(200, "Test tasks per run.", lower_bound=2, tiny=4)
+    test_seed: int = option(2, "Seed of the test tasks (the same for every run and seed).")
+    eval_lams: tuple[float, ...] = option(
+        (0.0, 2.0),
+        "Every trained model is also adapted the same way, whatever its training: "
+        "--inner_steps proximal GD steps of --inner_learning_rate from theta at each lam here "
+        "(0: plain GD fine-tuning of the support loss).",
+    )
+    reference_run: str = option(
+        "fomaml", "Each run is compared with this one on the same test tasks (paired tests)."
+    )
     guard_learning_rate: float = option(5.0, "Inner lr of the diverging run.", tiny=50.0)
     guard_steps: int = option(10, "Meta-steps of the diverging run.", tiny=2)
     pretrained: str = option(str(harness.PRETRAINED), "Map at this model ('' = init).", tiny="")
     train_from: str = option("init", "Start of the training runs.", choices=("init", "pretrained"))
+    init_model: str = option(
+        "",
+        "A saved .keras meta-learner whose learner weights start every training run (e.g. a "
+        "campaign model; overrides --train_from). '' = none.",
+    )
     image_size: int = option(28, "Image side.", lower_bound=8, tiny=14)
     filters: int = option(64, "Conv filters.", lower_bound=1, tiny=8)
     seed: int = option(0, "Seed for weights, episodes and Lanczos.")
@@ -140,6 +192,14 @@ class Config:
             raise ValueError("--train_from=pretrained needs --pretrained")
         if self.pretrained and (self.image_size != 28 or self.filters != 64):
             raise ValueError("the shipped model needs --image_size=28 --filters=64")
+        if self.init_model and not pathlib.Path(self.init_model).is_file():
+            raise ValueError(f"--init_model {self.init_model} is not a file")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds}")
+        if any(lam < 0 for lam in self.eval_lams):
+            raise ValueError(f"--eval_lams must be >= 0, got {self.eval_lams}")
+        if self.reference_run not in self.runs and self.reference_run:
+            raise ValueError(f"--reference_run {self.reference_run} is not among --runs")
 
 
 TINY = harness.tiny_values(Config)
@@ -170,25 +230,45 @@ def make_case_fn(learner: keras.Model, config: Config):
         return loss_fn
 
     @tf.function(reduce_retracing=True)
-    def case_fn(theta, support_x, support_y, query_x, query_y, lam, lr, num_steps, damping):
+    def case_fn(
+        theta,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        lam,
+        lr,
+        num_steps,
+        damping,
+        system_lam,
+        pull_back: bool,
+    ):
         theta = tree.broadcast_to_tasks(theta, tf.shape(support_x)[0])
         support_loss_fn = loss_fn_of(support_x, support_y)
         query_loss_fn = loss_fn_of(query_x, query_y)
         _, grad_theta = tf_imaml.hvp.value_and_grad(support_loss_fn, theta)
-        inner = tf_imaml.inner_solvers.minimize_proximal(
-            support_loss_fn,
-            theta,
-            lam=lam,
-            num_steps=num_steps,
-            optimizer=tf_imaml.inner_solvers.gradient_descent(lr),
-        )
+        optimizer = tf_imaml.inner_solvers.gradient_descent(lr)
+        if pull_back:  # a Python bool: one trace per inner loop
+            inner = tf_imaml.inner_solvers.minimize_then_pull_back(
+                support_loss_fn,
+                theta,
+                lam=lam,
+                num_steps=num_steps,
+                optimizer=optimizer,
+                pull_back_rate=lr,
+            )
+        else:
+            inner = tf_imaml.inner_solvers.minimize_proximal(
+                support_loss_fn, theta, lam=lam, num_steps=num_steps, optimizer=optimizer
+            )
         phi = inner.adapted_params
         _, query_grads = tf_imaml.hvp.value_and_grad(query_loss_fn, phi)
+        # The system (1 + damping) I + H / system_lam, system_lam = lam + lam_damping.
         result = tf_imaml.implicit.implicit_meta_gradient(
             support_loss_fn,
             phi,
             query_grads,
-            lam=lam,
+            lam=system_lam,
             damping=damping,
             linear_solver=tf_imaml.linear_solve.solve_cg,
             max_iter=config.cg_steps,
@@ -197,7 +277,7 @@ def make_case_fn(learner: keras.Model, config: Config):
         lanczos = tf_imaml.curvature.proximal_curvature(
             support_loss_fn,
             phi,
-            lam=lam,
+            lam=system_lam,
             damping=damping,
             num_iter=config.lanczos_iterations,
             seed=config.seed,
@@ -208,7 +288,7 @@ def make_case_fn(learner: keras.Model, config: Config):
             "negative_curvature": result.solve.negative_curvature,
             "relative_residual": result.solve.relative_residual,
             "min_eig": lanczos.min_eigenvalue,
-            "hessian_max_eig": lam * (lanczos.max_eigenvalue - 1.0 - damping),
+            "hessian_max_eig": system_lam * (lanczos.max_eigenvalue - 1.0 - damping),
         }
 
     return case_fn
@@ -233,6 +313,8 @@ def failure_map(config: Config, theta: list[np.ndarray], data) -> list[dict]:
                 tf.constant(case.inner_learning_rate),
                 tf.constant(case.inner_steps),
                 tf.constant(case.damping),
+                tf.constant(case.lam + case.lam_damping),
+                case.pull_back,
             )
             for (sx, sy, qx), qy in tasks
         ]
@@ -280,57 +362,114 @@ def _meta_model(config: Config, learner, algorithm: str, options: dict, *, inner
     return fewshot.compile_meta(meta)
 
 
-def train_runs(config: Config, init: list[np.ndarray], data: dict) -> list[dict]:
-    """Trains every run from `init` on the same episodes; test accuracy on the same tasks."""
-    rows = []
-    for name in config.runs:
-        algorithm, options = RUNS[name]
-        learner = _learner(config)
+def _evaluator(learner: keras.Model, config: Config, eval_lam: float):
+    """iMAML's test-time adaptation of `learner`: proximal GD at `eval_lam` (0: plain GD)."""
+    meta = tf_imaml.ImplicitMAML(
+        learner,
+        lam=eval_lam or 1.0,  # the training lam is unused: this model only predicts
+        test_lam=eval_lam,
+        inner_steps=config.inner_steps,
+        inner_learning_rate=config.inner_learning_rate,
+    )
+    return fewshot.compile_meta(meta)
+
+
+def adaptation_names(config: Config) -> list[str]:
+    """`"own"` (each model's own test-time adaptation), then `"lam=<x>"` per `eval_lams`."""
+    return ["own"] + [f"lam={lam:g}" for lam in config.eval_lams]
+
+
+def test_accuracies(meta, learner: keras.Model, config: Config, test) -> dict:
+    """`{adaptation: per-task accuracies}` of one model on the test episodes."""
+    per_task = {"own": tf_imaml.evaluation.few_shot_accuracy(meta, test).per_task}
+    for lam, name in zip(config.eval_lams, adaptation_names(config)[1:], strict=True):
+        evaluator = _evaluator(learner, config, lam)
+        per_task[name] = tf_imaml.evaluation.few_shot_accuracy(evaluator, test).per_task
+    return per_task
+
+
+def train_one(config: Config, name: str, seed: int, init, data: dict) -> dict:
+    """Trains run `name` with training seed `seed` from `init` (or from the seed's own
+    initial weights when `init` is None); scores it on the shared test tasks."""
+    algorithm, options = RUNS[name]
+    learner = fewshot.learner(
+        ways=5, image_size=config.image_size, filters=config.filters, seed=seed
+    )
+    if init is not None:
         learner.set_weights(init)
-        meta = _meta_model(config, learner, algorithm, options)
-        keras.utils.set_random_seed(config.seed)
-        episodes = _episodes(
-            config, data["train"], seed=config.seed, batch=config.meta_batch_size, num_tasks=None
-        )
-        start = time.time()
-        history = {"loss": []}
-        if name != "no_training":
-            history = meta.fit(
-                episodes,
-                epochs=config.meta_steps // config.steps_per_epoch,
-                steps_per_epoch=config.steps_per_epoch,
-                verbose=0,
-            ).history
-        seconds = time.time() - start
-        test = _episodes(
-            config,
-            data["test"],
-            seed=config.seed + 2,
-            batch=min(20, config.test_tasks),
-            num_tasks=config.test_tasks,
-        )
-        accuracy = tf_imaml.evaluation.few_shot_accuracy(meta, test)
-        failed = history.get("failed_fraction", [0.0])
-        row = {
-            "run": name,
-            "algorithm": algorithm,
-            **{k: v for k, v in options.items()},
-            "test_accuracy": accuracy.mean,
-            "test_ci95": accuracy.ci95,
-            "test_tasks": accuracy.num_tasks,
-            "failed_fraction": float(np.mean(failed)),
-            "failed_fraction_per_epoch": [float(x) for x in failed],
-            "skipped_steps": float(np.sum(history.get("skipped_steps", [0.0]))),
-            "train_loss_per_epoch": [float(x) for x in history["loss"]],
-            "train_seconds": round(seconds, 1),
-        }
-        rows.append(row)
-        harness.log(
-            config.verbose,
-            f"  {name}: test {100 * accuracy.mean:.2f} +- {100 * accuracy.ci95:.2f}%, failed "
-            f"{row['failed_fraction']:.2f}, {seconds:.0f} s",
-        )
-    return rows
+    meta = _meta_model(config, learner, algorithm, options)
+    keras.utils.set_random_seed(seed)
+    episodes = _episodes(
+        config, data["train"], seed=seed, batch=config.meta_batch_size, num_tasks=None
+    )
+    start = time.time()
+    history = {"loss": []}
+    if name != "no_training":
+        history = meta.fit(
+            episodes,
+            epochs=config.meta_steps // config.steps_per_epoch,
+            steps_per_epoch=config.steps_per_epoch,
+            verbose=0,
+        ).history
+    seconds = time.time() - start
+    test = _episodes(
+        config,
+        data["test"],
+        seed=config.test_seed,
+        batch=min(20, config.test_tasks),
+        num_tasks=config.test_tasks,
+    )
+    per_task = test_accuracies(meta, learner, config, test)
+    failed = history.get("failed_fraction", [0.0])
+    own = per_task["own"]
+    return {
+        "run": name,
+        "seed": seed,
+        "algorithm": algorithm,
+        **dict(options),
+        "test_accuracy": float(own.mean()),
+        "test_ci95": reporting.mean_ci95(own)[1],
+        "test_tasks": int(own.size),
+        "accuracy": {k: float(v.mean()) for k, v in per_task.items()},
+        "per_task": {k: v.tolist() for k, v in per_task.items()},
+        "failed_fraction": float(np.mean(failed)),
+        "failed_fraction_per_epoch": [float(x) for x in failed],
+        "skipped_steps": float(np.sum(history.get("skipped_steps", [0.0]))),
+        "train_loss_per_epoch": [float(x) for x in history["loss"]],
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def summarize(config: Config, run_rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Seed-level summaries per run and adaptation, and paired tests against the reference.
+
+    Returns `(arms, comparisons)`: `arms[run][adaptation]` is a `stats.arm_summary` record;
+    each comparison is `stats.compare_arms` of a run against `config.reference_run` under
+    the same adaptation, on the same test tasks and their common seeds.
+    """
+    arms = {}
+    for row in run_rows:
+        for adaptation, values in row["per_task"].items():
+            arms.setdefault(row["run"], {}).setdefault(adaptation, {})[row["seed"]] = values
+    arms = {
+        run: {a: stats.arm_summary(by_seed) for a, by_seed in by_adaptation.items()}
+        for run, by_adaptation in arms.items()
+    }
+    comparisons = []
+    reference = arms.get(config.reference_run)
+    for run, by_adaptation in arms.items():
+        if reference is None or run == config.reference_run:
+            continue
+        for adaptation, summary in by_adaptation.items():
+            comparisons.append(
+                {
+                    "run": run,
+                    "reference": config.reference_run,
+                    "adaptation": adaptation,
+                    **stats.compare_arms(summary, reference[adaptation]),
+                }
+            )
+    return arms, comparisons
 
 
 def guard_demo(config: Config, init: list[np.ndarray], data) -> dict:
@@ -378,6 +517,8 @@ MAP_COLUMNS = (
     ("inner_learning_rate", "lr"),
     ("inner_steps", "K"),
     ("damping", "damping"),
+    ("lam_damping", "lam_damping"),
+    ("pull_back", "pull-back loop"),
     ("diverged", "inner GD diverged"),
     ("not_delta_stationary", "not delta-stationary"),
     ("predicted_unstable", "lr (lam+L) > 2"),
@@ -387,17 +528,9 @@ MAP_COLUMNS = (
     ("median_rel_grad_norm", "median ‖∇G(φ)‖/‖∇G(θ)‖"),
     ("median_min_eig", "median λmin"),
 )
-RUN_COLUMNS = (
-    ("run", "run"),
-    ("accuracy", "test accuracy (%)"),
-    ("failed_fraction", "failed_fraction"),
-    ("failed_per_epoch", "failed_fraction per epoch"),
-    ("skipped_steps", "skipped steps"),
-    ("train_seconds", "train s"),
-)
 
 
-def plot(config: Config, map_rows, run_rows) -> dict:
+def plot(config: Config, map_rows, run_rows, arms) -> dict:
     """The failure map and, once runs are done, their accuracy and failed fractions."""
     plt = reporting.pyplot()
     figures = {}
@@ -419,17 +552,32 @@ def plot(config: Config, map_rows, run_rows) -> dict:
     figures["study_failures_map.png"] = fig
     if run_rows:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
-        names = [r["run"] for r in run_rows]
-        acc = [100 * r["test_accuracy"] for r in run_rows]
-        ci = [100 * r["test_ci95"] for r in run_rows]
-        ax1.barh(names, acc, xerr=ci, color="tab:blue")
-        ax1.set_xlabel(f"test accuracy (%), {run_rows[0]['test_tasks']} tasks, 95% CI", fontsize=8)
+        names = list(arms)
+        adaptations = adaptation_names(config)
+        height = 0.8 / len(adaptations)
+        for i, adaptation in enumerate(adaptations):
+            intervals = [arms[n][adaptation]["seed_interval"] for n in names]
+            ax1.barh(
+                np.arange(len(names)) + i * height,
+                [100 * v["mean"] for v in intervals],
+                xerr=[100 * v["half_width"] for v in intervals],
+                height=height,
+                label=adaptation,
+            )
+        ax1.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names)
+        ax1.set_xlabel(
+            f"test accuracy (%), {config.test_tasks} tasks, 95% t interval over seeds",
+            fontsize=8,
+        )
         ax1.invert_yaxis()
         ax1.tick_params(labelsize=7)
+        ax1.legend(fontsize=6, title="adaptation", title_fontsize=6)
         for r in run_rows:
+            if r["seed"] != config.seeds[0]:
+                continue
             epochs = np.arange(1, len(r["failed_fraction_per_epoch"]) + 1) * config.steps_per_epoch
             ax2.plot(epochs, r["failed_fraction_per_epoch"], marker="o", label=r["run"])
-        ax2.set_xlabel("meta-step", fontsize=8)
+        ax2.set_xlabel(f"meta-step (seed {config.seeds[0]})", fontsize=8)
         ax2.set_ylabel("failed_fraction (epoch mean)", fontsize=8)
         ax2.tick_params(labelsize=7)
         ax2.legend(fontsize=6)
@@ -437,58 +585,113 @@ def plot(config: Config, map_rows, run_rows) -> dict:
     return figures
 
 
+def _run_tables(config: Config, run_rows: list[dict], arms: dict, comparisons: list[dict]):
+    """The training table (one row per run) and the paired-test table."""
+    adaptations = adaptation_names(config)
+    rows = []
+    for name, by_adaptation in arms.items():
+        mine = [r for r in run_rows if r["run"] == name]
+        rows.append(
+            [name, len(mine)]
+            + [
+                stats.percent(stats.Interval(**by_adaptation[a]["seed_interval"]))
+                for a in adaptations
+            ]
+            + [
+                float(np.mean([r["failed_fraction"] for r in mine])),
+                float(np.mean([r["skipped_steps"] for r in mine])),
+                float(np.mean([r["train_seconds"] for r in mine])),
+            ]
+        )
+    runs = reporting.markdown_table(
+        ["run", "seeds"]
+        + [f"test accuracy (%), adapted by {a}" for a in adaptations]
+        + ["failed_fraction", "skipped steps", "train s (mean)"],
+        rows,
+    )
+    tests = reporting.markdown_table(
+        [
+            "run",
+            "against",
+            "adaptation",
+            "seeds",
+            "per task: difference (points)",
+            "t-test p",
+            "sign test p",
+            "wins / losses / ties",
+            "per seed: difference (points)",
+        ],
+        [
+            [
+                c["run"],
+                c["reference"],
+                c["adaptation"],
+                len(c["seeds"]),
+                stats.percent(stats.PairedResult(**c["per_task"])),
+                c["per_task"]["t_pvalue"],
+                c["per_task"]["sign_pvalue"],
+                f"{c['per_task']['wins']} / {c['per_task']['losses']} / {c['per_task']['ties']}",
+                stats.percent(stats.Interval(**c["per_seed"])),
+            ]
+            for c in comparisons
+        ],
+    )
+    return runs, tests
+
+
 def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start):
     """Writes the Markdown tables, JSON and plots of what is done so far; returns the JSON."""
     seconds = time.time() - start
-    figures = plot(config, map_rows, run_rows)
+    arms, comparisons = summarize(config, run_rows)
+    figures = plot(config, map_rows, run_rows, arms)
     plots = list(figures)
     map_table = reporting.markdown_table(
         [t for _, t in MAP_COLUMNS], [[r[k] for k, _ in MAP_COLUMNS] for r in map_rows]
     )
-    run_table = reporting.markdown_table(
-        [t for _, t in RUN_COLUMNS],
-        [
-            [
-                r["run"],
-                f"{100 * r['test_accuracy']:.2f} ± {100 * r['test_ci95']:.2f}",
-                r["failed_fraction"],
-                ", ".join(f"{x:.2f}" for x in r["failed_fraction_per_epoch"]),
-                r["skipped_steps"],
-                r["train_seconds"],
-            ]
-            for r in run_rows
-        ],
-    )
+    run_table, test_table = _run_tables(config, run_rows, arms, comparisons)
     guard_text = (
         f"DivergenceGuard, iMAML lam=2 with inner lr {guard['inner_learning_rate']:g}, "
         f"{config.guard_steps} meta-steps in 2 epochs: "
         + (f'stopped: "{guard["message"]}"' if guard["stopped"] else "did not stop the run")
         + f"; per epoch {guard['epochs']}; weights finite afterwards: {guard['weights_finite']}."
     )
+    seeds = ", ".join(str(s) for s in config.seeds)
     markdown = (
         "## Study 5: where iMAML breaks\n\n"
         f"### Failure map\n\nOmniglot 5-way 1-shot training tasks ({config.num_tasks}, the "
         f"same for every case) at {theta_name}, conv net with {config.filters} filters on "
-        f"{config.image_size}x{config.image_size} images; inner GD from theta; "
-        f"{config.cg_steps} steps of our CG (`solve_cg`); Lanczos "
-        f"{config.lanczos_iterations} iterations on (1 + damping) I + H/lam at phi_K; "
+        f"{config.image_size}x{config.image_size} images; inner GD from theta on the proximal "
+        "objective (pull-back loop: plain GD on the support loss, then one proximal step); "
+        f"{config.cg_steps} steps of our CG (`solve_cg`) and Lanczos "
+        f"{config.lanczos_iterations} iterations on (1 + damping) I + H/(lam + lam_damping) "
+        "at phi_K; "
         f"delta = {config.delta:g} (relative); L = Lanczos estimate of the Hessian's largest "
         "eigenvalue at phi_K. Fractions of tasks.\n\n"
         + map_table
         + "\n\n### Training side by side\n\n"
-        f"Same initial weights ({start_name}) and the same episodes for every run: "
-        f"{config.meta_steps} "
+        f"Start: {start_name}; training seeds {seeds} (a seed sets the training episodes, "
+        "and the initial weights when training from init); for each seed every run meets the "
+        f"same episodes: {config.meta_steps} "
         f"meta-steps of {config.meta_batch_size} tasks, Adam 1e-3, {config.inner_steps} inner "
         f"GD steps of {config.inner_learning_rate:g} (a run whose name gives lr uses its own), "
-        f"{config.cg_steps} CG steps; test accuracy "
-        f"on the same {config.test_tasks} Omniglot test tasks (mean ± 95% CI); "
-        f"failed_fraction: mean over epochs of {config.steps_per_epoch} meta-steps.\n\n"
-        + run_table
+        f"{config.cg_steps} CG steps. Test: the same {config.test_tasks} Omniglot test tasks "
+        f"(seed {config.test_seed}) for every run and seed, each model adapted by its own "
+        "test-time adaptation (`own`: the training lam for iMAML unless its test_lam says "
+        "otherwise, plain GD for MAML) and by the same proximal GD "
+        f"({config.inner_steps} steps of {config.inner_learning_rate:g} from theta) at each lam "
+        "of `lam=<x>` (lam 0: plain GD fine-tuning). Accuracy: mean over seeds ± 95% t "
+        f"interval over seeds; failed_fraction: mean over epochs of {config.steps_per_epoch} "
+        "meta-steps and seeds.\n\n" + run_table + "\n\n### Paired tests on the same test tasks\n\n"
+        "Per task: differences of each task's accuracy (averaged over the common seeds), "
+        "their mean ± 95% t interval, two-sided t-test and exact sign-test p-values. Per "
+        "seed: the t interval of the per-seed mean differences.\n\n"
+        + test_table
         + "\n\n### DivergenceGuard\n\n"
         + guard_text
         + "\n\n"
         + reporting.image_links(plots)
-        + f"\nWall time {seconds:.0f} s; runs finished: {len(run_rows)} of {len(config.runs)}.\n"
+        + f"\nWall time {seconds:.0f} s; runs finished: {len(run_rows)} of "
+        f"{len(config.runs) * len(config.seeds)}.\n"
     )
     summary = {
         "config": {**dataclasses.asdict(config), "cases": [c._asdict() for c in config.cases]},
@@ -497,6 +700,8 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
         "train_from": start_name,
         "failure_map": map_rows,
         "runs": run_rows,
+        "arms": arms,
+        "comparisons": comparisons,
         "guard": guard,
         "plots": plots,
         "seconds": round(seconds, 1),
@@ -505,12 +710,23 @@ def _report(config, out, map_rows, run_rows, guard, theta_name, start_name, star
     return summary
 
 
+def _start_weights(config: Config, shipped):
+    """The training runs' common initial weights and their name (None: each seed's own)."""
+    if config.init_model:
+        weights = keras.models.load_model(config.init_model).learner.get_weights()
+        return weights, f"the model {config.init_model}"
+    if config.train_from == "pretrained":
+        return shipped, "the shipped model"
+    return None, "the random initialisation of each seed"
+
+
 def run(config: Config) -> dict:
     """Maps the failures, runs the guard demo, then trains the runs (report after each)."""
     out = harness.output_folder(config, deterministic=True)
     start = time.time()
     data = fewshot.load_omniglot_splits(config.image_size)
     init = _learner(config).get_weights()
+    shipped = None
     if config.pretrained:
         shipped_learner = keras.models.load_model(config.pretrained).learner
         shipped = shipped_learner.get_weights()
@@ -520,17 +736,29 @@ def run(config: Config) -> dict:
         theta, theta_name = init, "the random initialisation"
     harness.log(config.verbose, f"failure map at {theta_name} ...")
     map_rows = failure_map(config, theta, data["train"])
-    start_weights = shipped if config.train_from == "pretrained" else init
-    start_name = theta_name if config.train_from == "pretrained" else "the random initialisation"
+    start_weights, start_name = _start_weights(config, shipped)
     harness.log(config.verbose, "diverging run under DivergenceGuard ...")
-    guard = guard_demo(config, start_weights, data["train"])
+    guard = guard_demo(config, init if start_weights is None else start_weights, data["train"])
     run_rows = []
     # The report is written now and after every run, so that a run cut short keeps the rest.
     summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
     harness.log(config.verbose, f"training runs from {start_name} ...")
     for name in config.runs:
-        run_rows += train_runs(dataclasses.replace(config, runs=(name,)), start_weights, data)
-        summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
+        for seed in config.seeds:
+            untrained = name == "no_training" and start_weights is not None
+            if untrained and seed != config.seeds[0]:
+                # The same weights for every seed and no training: the first seed's scores.
+                row = dict(next(r for r in run_rows if r["run"] == name), seed=seed)
+            else:
+                row = train_one(config, name, seed, start_weights, data)
+            run_rows.append(row)
+            harness.log(
+                config.verbose,
+                f"  {name} seed {seed}: "
+                + ", ".join(f"{a} {100 * v:.2f}%" for a, v in row["accuracy"].items())
+                + f"; failed {row['failed_fraction']:.2f}, {row['train_seconds']:.0f} s",
+            )
+            summary = _report(config, out, map_rows, run_rows, guard, theta_name, start_name, start)
     harness.log(config.verbose, f"done in {summary['seconds']:.0f} s; results in {out}")
     return summary
 

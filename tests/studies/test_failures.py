@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 # Slow: runs the study at a tiny size (meta-training included).
@@ -11,17 +12,19 @@ pytestmark = pytest.mark.slow
 def test_tiny_study_detects_divergence_and_writes_its_report(
     study, tiny, tmp_path, omniglot_subset, assert_png
 ):
-    # One training run (the guard's run trains iMAML too): each new model costs a trace.
-    config = tiny(runs=("fomaml",), verbose=False)
+    # Two runs of two seeds (the guard's run trains iMAML too): each new model costs a trace.
+    config = tiny(runs=("imaml_authors", "fomaml"), verbose=False)
     summary = study.run(config)
     md = (tmp_path / "study_failures.md").read_text()
     assert "| paper setting | 2 | 0.1 | 3 | 0 |" in md
     assert "| lr far too large (50) | 2 | 50 | 3 | 0 |" in md
-    assert "| fomaml | " in md and "### DivergenceGuard" in md
+    assert "| fomaml | 2 | " in md and "### DivergenceGuard" in md
+    assert "| imaml_authors | fomaml | lam=0 | 2 | " in md
     for name in summary["plots"]:
         assert_png(tmp_path / name)
     saved = json.loads((tmp_path / "study_failures.json").read_text())
-    paper, too_large = saved["failure_map"]
+    paper, too_large, authors = saved["failure_map"]
+    assert "| authors' system | 2 | 0.1 | 3 | 1 | 10 | True |" in md
     # lr = 0.1 with lam = 2 on this small net: gradient descent on G contracts.
     assert paper["diverged"] == 0.0 and paper["median_rel_grad_norm"] < 1.0
     # lr = 50 > 2 / (L + lam): the inner loop blows up, the library's solve flags every
@@ -29,12 +32,61 @@ def test_tiny_study_detects_divergence_and_writes_its_report(
     assert too_large["diverged"] == 1.0 and too_large["solve_failed"] == 1.0
     assert too_large["predicted_unstable"] == 1.0
     assert too_large["median_rel_grad_norm"] > 1e3
+    # The authors' system 2 I + H/12 is positive definite unless the Hessian has an
+    # eigenvalue below -24, far from what a small net at its initialisation has: Lanczos sees
+    # no negative eigenvalue and no solve fails; its smallest estimate is near 2 (the damped
+    # identity), above the paper's I + H/2 (near 1).
+    assert authors["indefinite"] == 0.0 and authors["solve_failed"] == 0.0
+    assert authors["median_min_eig"] > paper["median_min_eig"]
     # The same too-large lr in training: every task fails, every step is skipped, the weights
     # stay finite and DivergenceGuard stops the run after its first epoch.
     guard = saved["guard"]
     assert guard["stopped"] and "epoch 1:" in guard["message"]
     assert guard["epochs"][0]["failed_fraction"] == 1.0 and guard["weights_finite"]
-    (fomaml,) = saved["runs"]
+    assert [(r["run"], r["seed"]) for r in saved["runs"]] == [
+        ("imaml_authors", 0),
+        ("imaml_authors", 1),
+        ("fomaml", 0),
+        ("fomaml", 1),
+    ]
+    for row in saved["runs"]:
+        assert set(row["per_task"]) == {"own", "lam=0", "lam=2"} and row["test_tasks"] == 4
+        assert all(len(v) == 4 for v in row["per_task"].values())
+        # Oracle: both runs adapt at test time by plain GD (MAML; the authors' test_lam = 0,
+        # where the pull-back is the identity), the same adaptation as the lam = 0 control,
+        # computed by another code path: the same predictions on every task.
+        assert row["per_task"]["own"] == row["per_task"]["lam=0"], row["run"]
+    fomaml = [r for r in saved["runs"] if r["run"] == "fomaml"]
     # First-order MAML has no linear solve: it never fails on finite values.
-    assert fomaml["failed_fraction"] == 0.0 and fomaml["test_tasks"] == 4
-    assert 0.0 <= fomaml["test_accuracy"] <= 1.0
+    assert all(r["failed_fraction"] == 0.0 for r in fomaml)
+    # The seed-level interval recomputed from the per-task numbers with numpy and the t
+    # quantile for one degree of freedom (12.706, printed tables).
+    per_seed = [np.mean(r["per_task"]["lam=2"]) for r in fomaml]
+    interval = saved["arms"]["fomaml"]["lam=2"]["seed_interval"]
+    assert interval["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    half = 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2)
+    assert interval["half_width"] == pytest.approx(half, rel=1e-4, abs=1e-12)
+    # The paired test on the same tasks, recomputed: each task's accuracy averaged over
+    # seeds, authors minus first-order MAML.
+    (paired,) = [c for c in saved["comparisons"] if c["adaptation"] == "lam=2"]
+    authors = [r for r in saved["runs"] if r["run"] == "imaml_authors"]
+    d = np.mean([r["per_task"]["lam=2"] for r in authors], axis=0) - np.mean(
+        [r["per_task"]["lam=2"] for r in fomaml], axis=0
+    )
+    assert paired["run"] == "imaml_authors" and paired["reference"] == "fomaml"
+    assert paired["per_task"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-12)
+    assert paired["per_task"]["wins"] == int(np.sum(d > 0)) and paired["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": (0, 0)}, "--seeds must be distinct"),
+        ({"reference_run": "imaml_zero"}, "--reference_run imaml_zero is not among --runs"),
+        ({"init_model": "/nonexistent.keras"}, "--init_model /nonexistent.keras is not a file"),
+        ({"eval_lams": (-1.0,)}, "--eval_lams must be >= 0"),
+    ],
+)
+def test_bad_config_is_refused(study, tiny, change, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**change).validate()
