@@ -3,16 +3,25 @@
 Part 1 (the inner solver alone): on real Omniglot test tasks, at the shipped model's weights
 and at a random initialisation, for several `lam`, `tf_imaml.hessian_free.proximal_newton`
 runs `--newton_steps` truncated-Newton steps on every task's proximal objective
-`G(phi) = L_support(phi) + lam/2 ||phi - theta||^2`, once with the Hager-Zhang line search
-and once with full Newton steps. Reported: `G` and `||grad G||` after every step (mean and
+`G(phi) = L_support(phi) + lam/2 ||phi - theta||^2`, once per step rule (`--step_rules`):
+
+- `line_search`: the Hager-Zhang line search chooses each step length;
+- `full`: full Newton steps (length 1);
+- `fixed`: steps of length `--fixed_step` (0.3: the line search's accepted lengths had
+  medians of 0.16 to 0.40);
+- `damped`: full steps along the damped Newton direction `(H + (lam + mu) I) d = -grad G`,
+  `mu = --newton_damping` (Tikhonov damping, Martens 2010; `G` keeps `lam`).
+
+Reported: `G` and `||grad G||` after every step (mean and
 median over tasks), how many steps raised `G`, and the status of every step: taken, no
 descent direction, search failed (non-finite values), search not converged, step made `G`
 non-finite, step raised `G`, or the search's "unbounded" case (converged and failed at once);
 with the number of CG solves that met negative curvature and the query accuracy at the end.
 
 Part 2 (training, optional): iMAML-HF meta-trained from the same random initialisation on
-the same training episodes with and without the line search for `--train_meta_steps`
-meta-steps, then tested on the same `--test_tasks` tasks (mean +- 95% CI).
+the same training episodes with each of `--train_step_rules` for `--train_meta_steps`
+meta-steps, then tested on the same `--test_tasks` tasks (mean +- 95% CI; the per-task
+accuracies are in the JSON).
 
 Writes `<output_dir>/line_search.md`, `line_search.json` and `line_search.png`.
 
@@ -40,6 +49,7 @@ from tf_imaml import hessian_free
 
 NAME = "line_search"
 WEIGHTS = ("shipped", "random")
+STEP_RULES = ("line_search", "full", "fixed", "damped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,16 @@ class Config:
         3, "Newton steps per task in part-2 training.", lower_bound=1, tiny=1
     )
     train_lam: float = option(2.0, "lambda of the part-2 training.")
+    step_rules: tuple[str, ...] = option(
+        STEP_RULES, "Step rules of part 1 (see the module docstring).", choices=STEP_RULES
+    )
+    train_step_rules: tuple[str, ...] = option(
+        STEP_RULES, "Step rules of part 2.", choices=STEP_RULES, tiny=("line_search", "fixed")
+    )
+    fixed_step: float = option(0.3, "Step length of the 'fixed' rule.")
+    newton_damping: float = option(
+        10.0, "mu of the 'damped' rule: (H + (lam + mu) I) d = -grad G (the authors' 10)."
+    )
     meta_batch_size: int = option(8, "Part-2 tasks per meta-step.", tiny=2)
     on_failure: str = option(
         "first_order",
@@ -80,6 +100,13 @@ class Config:
             raise ValueError(f"--lams must be non-empty, each > 0: {self.lams}")
         if not self.train_lam > 0:
             raise ValueError(f"--train_lam must be > 0, got {self.train_lam}")
+        if not self.step_rules:
+            raise ValueError("--step_rules must name at least one rule")
+        if not (self.fixed_step > 0 and self.newton_damping >= 0):
+            raise ValueError(
+                f"--fixed_step must be > 0 and --newton_damping >= 0, got {self.fixed_step}, "
+                f"{self.newton_damping}"
+            )
         if "shipped" in self.weights:
             if not pathlib.Path(self.pretrained).is_file():
                 raise ValueError(f"--pretrained {self.pretrained} is not a file")
@@ -93,12 +120,41 @@ TINY = harness.tiny_values(Config)
 _episodes = fewshot.config_episodes
 
 
+def step_rule(config: Config, rule: str) -> dict:
+    """The `proximal_newton` options of a step rule: `use_line_search`, `step_size`,
+    `newton_damping`."""
+    return {
+        "line_search": dict(use_line_search=True, step_size=1.0, newton_damping=0.0),
+        "full": dict(use_line_search=False, step_size=1.0, newton_damping=0.0),
+        "fixed": dict(use_line_search=False, step_size=config.fixed_step, newton_damping=0.0),
+        "damped": dict(use_line_search=False, step_size=1.0, newton_damping=config.newton_damping),
+    }[rule]
+
+
+def rule_label(config: Config, rule: str) -> str:
+    """How tables and plots name a step rule."""
+    return {
+        "line_search": "line search",
+        "full": "full steps",
+        "fixed": f"fixed step {config.fixed_step:g}",
+        "damped": f"damped (mu={config.newton_damping:g})",
+    }[rule]
+
+
 def _per_task_loss(logits, labels):
     losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
     return tf.reduce_mean(losses, axis=1)
 
 
-def make_trace_fn(learner: keras.Model, *, num_steps: int, cg_steps: int, use_line_search: bool):
+def make_trace_fn(
+    learner: keras.Model,
+    *,
+    num_steps: int,
+    cg_steps: int,
+    use_line_search: bool,
+    step_size: float = 1.0,
+    newton_damping: float = 0.0,
+):
     """A `tf.function`: (theta, lam, support, query) -> Newton trace and query accuracy.
 
     theta is broadcast to every task; the support loss is the learner's cross-entropy on each
@@ -121,6 +177,8 @@ def make_trace_fn(learner: keras.Model, *, num_steps: int, cg_steps: int, use_li
             num_steps=num_steps,
             cg_steps=cg_steps,
             use_line_search=use_line_search,
+            step_size=step_size,
+            newton_damping=newton_damping,
             hvp_mode="linearized",
         )
         logits = tf_imaml.batched.apply(learner, result.inner.adapted_params, query_x)
@@ -171,12 +229,13 @@ def _summarise(trace: dict, query_accuracy: np.ndarray) -> dict:
         "final_objective_median": float(np.nanmedian(objectives[-1])),
         "final_grad_norm_median": float(np.nanmedian(grad_norms[-1])),
         "query_accuracy": float(np.mean(query_accuracy)),
+        "query_accuracy_per_task": query_accuracy.tolist(),
         "query_accuracy_ci95": reporting.mean_ci95(query_accuracy)[1],
     }
 
 
 def newton_traces(config: Config, learners: dict, test_data, *, on_row=None) -> list[dict]:
-    """Part 1: one row per (weights, lam, line search); `on_row(rows)` after each."""
+    """Part 1: one row per (step rule, weights, lam); `on_row(rows)` after each."""
     batch = min(config.tasks, 20)
     episodes = list(
         _episodes(config, test_data, seed=config.seed + 2, num_tasks=config.tasks, batch=batch)
@@ -192,17 +251,11 @@ def newton_traces(config: Config, learners: dict, test_data, *, on_row=None) -> 
             v.shape for v in structure.trainable_variables
         ]:
             raise ValueError("the shipped and random learners must have the same architecture")
-    trace_fns = {
-        use_line_search: make_trace_fn(
-            structure,
-            num_steps=config.newton_steps,
-            cg_steps=config.cg_steps,
-            use_line_search=use_line_search,
+    for rule in config.step_rules:
+        options = step_rule(config, rule)
+        trace_fn = make_trace_fn(
+            structure, num_steps=config.newton_steps, cg_steps=config.cg_steps, **options
         )
-        for use_line_search in (True, False)
-    }
-    for use_line_search in (True, False):
-        trace_fn = trace_fns[use_line_search]
         for weights, learner in learners.items():
             theta = [tf.convert_to_tensor(v) for v in learner.trainable_variables]
             for lam in config.lams:
@@ -222,14 +275,16 @@ def newton_traces(config: Config, learners: dict, test_data, *, on_row=None) -> 
                 row = {
                     "weights": weights,
                     "lam": float(lam),
-                    "line_search": use_line_search,
+                    "step_rule": rule,
+                    **options,
+                    "line_search": options["use_line_search"],
                     "seconds": round(time.time() - start, 2),
                     **_summarise(trace, accuracy),
                 }
                 rows.append(row)
                 counts = row["status_counts"]
                 print(
-                    f"  [{weights} lam={lam:g} line_search={use_line_search}] G "
+                    f"  [{weights} lam={lam:g} {rule_label(config, rule)}] G "
                     f"{row['start_objective_median']:.3f} -> {row['final_objective_median']:.3f}, "
                     f"rises {row['num_rises']}, statuses {counts} ({row['seconds']:.0f} s)",
                     flush=True,
@@ -240,10 +295,11 @@ def newton_traces(config: Config, learners: dict, test_data, *, on_row=None) -> 
 
 
 def train_comparison(config: Config, init_weights, train_data, test_data) -> list[dict]:
-    """Part 2: iMAML-HF with and without line search, same init and episodes."""
+    """Part 2: iMAML-HF with each of `train_step_rules`, same init and episodes."""
     rows = []
-    for use_line_search in (True, False):
-        label = f"iMAML-HF {'with' if use_line_search else 'without'} line search"
+    for rule in config.train_step_rules:
+        options = step_rule(config, rule)
+        label = f"iMAML-HF, {rule_label(config, rule)}"
         print(f"training {label} for {config.train_meta_steps} meta-steps", flush=True)
         keras.utils.set_random_seed(config.seed)
         learner = _random_learner(config)
@@ -252,9 +308,7 @@ def train_comparison(config: Config, init_weights, train_data, test_data) -> lis
             learner,
             lam=config.train_lam,
             inner_steps=config.train_newton_steps,
-            inner_optimizer="hessian_free",
-            inner_cg_steps=config.cg_steps,
-            use_line_search=use_line_search,
+            inner_solver=tf_imaml.HessianFree(cg_steps=config.cg_steps, **options),
             on_failure=config.on_failure,
         )
         fewshot.compile_meta(meta)
@@ -280,13 +334,16 @@ def train_comparison(config: Config, init_weights, train_data, test_data) -> lis
         rows.append(
             {
                 "label": label,
-                "line_search": use_line_search,
+                "step_rule": rule,
+                **options,
+                "line_search": options["use_line_search"],
                 "meta_steps": config.train_meta_steps,
                 "train_seconds": round(train_seconds, 1),
                 "final_train_logs": logs,
                 "test_accuracy": accuracy.mean,
                 "test_ci95": accuracy.ci95,
                 "test_tasks": accuracy.num_tasks,
+                "test_accuracy_per_task": np.asarray(accuracy.per_task).tolist(),
             }
         )
     return rows
@@ -316,7 +373,7 @@ def run(config: Config) -> dict:
     )
     training = []
     if config.train_meta_steps:
-        print("part 2: training with and without line search", flush=True)
+        print("part 2: training by step rule", flush=True)
         train_data = tf_imaml.datasets.load_omniglot("train", image_size=config.image_size)
         training = train_comparison(config, init_weights, train_data, test_data)
     return _write(config, out, traces, training)
@@ -347,13 +404,17 @@ def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
         f"{config.newton_steps} Newton steps of {config.cg_steps} CG iterations each, "
         "Hessian-vector products 'linearized'. G is the proximal objective "
         "L_support + lam/2 ||phi - theta||^2; medians over tasks. Step statuses are counts "
-        f"over all {config.newton_steps} x {config.tasks} steps."
+        f"over all {config.newton_steps} x {config.tasks} steps. Step rules: 'line search' "
+        "(Hager-Zhang), 'full steps' (length 1), "
+        f"'fixed step {config.fixed_step:g}', 'damped (mu={config.newton_damping:g})' (full "
+        f"steps along (H + (lam + {config.newton_damping:g}) I) d = -grad G; G keeps lam). The "
+        "JSON holds every task's G, gradient norm, step length, status and query accuracy."
     )
     status_names = hessian_free.STEP_STATUS_NAMES
     headers = [
         "theta",
         "lam",
-        "line search",
+        "step rule",
         "G start",
         "G end",
         "grad G end",
@@ -368,7 +429,7 @@ def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
         [
             r["weights"],
             r["lam"],
-            "yes" if r["line_search"] else "no",
+            rule_label(config, r["step_rule"]),
             r["start_objective_median"],
             r["final_objective_median"],
             r["final_grad_norm_median"],
@@ -381,11 +442,11 @@ def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
         ]
         for r in traces
     ]
-    per_step_headers = ["theta", "lam", "line search"] + [
+    per_step_headers = ["theta", "lam", "step rule"] + [
         f"k={k}" for k in range(config.newton_steps + 1)
     ]
     per_step = [
-        [r["weights"], r["lam"], "yes" if r["line_search"] else "no"]
+        [r["weights"], r["lam"], rule_label(config, r["step_rule"])]
         + [float(v) for v in r["objective_median"]]
         for r in traces
     ]
@@ -398,7 +459,7 @@ def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
     ]
     if training:
         lines += [
-            "## iMAML-HF training with and without line search\n\n"
+            "## iMAML-HF training by step rule\n\n"
             f"Omniglot {config.ways}-way {config.shots}-shot, same random init and training "
             f"episodes (seed {config.seed}), {config.train_meta_steps} meta-steps at "
             f"meta-batch {config.meta_batch_size}, lam = {config.train_lam:g}, "
@@ -425,6 +486,9 @@ def _markdown(config: Config, traces: list[dict], training: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RULE_STYLES = {"line_search": "-", "full": "--", "fixed": ":", "damped": "-."}
+
+
 def _plot(config: Config, traces: list[dict]):
     plt = reporting.pyplot()
     weights = list(dict.fromkeys(r["weights"] for r in traces))
@@ -436,8 +500,8 @@ def _plot(config: Config, traces: list[dict]):
     steps = np.arange(config.newton_steps + 1)
     for col, w in enumerate(weights):
         for r in (r for r in traces if r["weights"] == w):
-            style = "-" if r["line_search"] else "--"
-            label = f"lam={r['lam']:g}, {'line search' if r['line_search'] else 'full steps'}"
+            style = RULE_STYLES[r["step_rule"]]
+            label = f"lam={r['lam']:g}, {rule_label(config, r['step_rule'])}"
             axes[0, col].plot(
                 steps, r["objective_median"], style, color=colors[r["lam"]], label=label
             )

@@ -14,19 +14,18 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_study_traces_newton_steps_with_and_without_line_search(
-    study, tiny, tmp_path, assert_png
-):
+def test_tiny_study_traces_newton_steps_under_each_step_rule(study, tiny, tmp_path, assert_png):
     config = tiny(lams=(2.0, 10.0), train_meta_steps=0)
     results = study.run(config)
     assert_png(tmp_path / "line_search.png")
     saved = json.loads((tmp_path / "line_search.json").read_text())
     assert saved["traces"] == json.loads(json.dumps(results["traces"]))
     assert saved["training"] == []
-    cells = {(r["lam"], r["line_search"]) for r in saved["traces"]}
-    assert cells == {(2.0, True), (2.0, False), (10.0, True), (10.0, False)}
+    cells = {(r["lam"], r["step_rule"]) for r in saved["traces"]}
+    assert cells == {(lam, rule) for lam in (2.0, 10.0) for rule in study.STEP_RULES}
     table = (tmp_path / "line_search.md").read_text()
-    assert "| random | 10 | yes |" in table and "| random | 10 | no |" in table
+    for label in ("line search", "full steps", "fixed step 0.3", "damped (mu=10)"):
+        assert f"| random | 10 | {label} |" in table
     for row in saved["traces"]:
         objectives = np.asarray(row["objectives"])  # [K + 1, T]
         sizes = np.asarray(row["step_sizes"])
@@ -48,8 +47,23 @@ def test_tiny_study_traces_newton_steps_with_and_without_line_search(
             assert (sizes[skipped] == 0).all()
             assert (np.diff(objectives, axis=0)[skipped] == 0).all()
         else:
-            assert (sizes == 1.0).all()  # Full Newton steps.
+            # Fixed step lengths: 1 (full and damped Newton steps) or the fixed step.
+            expected = config.fixed_step if row["step_rule"] == "fixed" else 1.0
+            np.testing.assert_allclose(sizes, expected, rtol=1e-7)
             assert row["status_counts"]["search_failed"] == 0
+        accuracy = np.asarray(row["query_accuracy_per_task"])
+        assert accuracy.shape == (4,) and row["query_accuracy"] == pytest.approx(accuracy.mean())
+    by_cell = {(r["lam"], r["step_rule"]): r for r in saved["traces"]}
+    for lam in (2.0, 10.0):
+        full, fixed = by_cell[(lam, "full")], by_cell[(lam, "fixed")]
+        # Same theta, same first direction: the first fixed step is 0.3 of the full one, so
+        # the two first steps differ (their G after step 1 is not the same).
+        first_full = np.asarray(full["objectives"])[1]
+        first_fixed = np.asarray(fixed["objectives"])[1]
+        assert np.all(first_full != first_fixed)
+        np.testing.assert_array_equal(
+            np.asarray(full["objectives"])[0], np.asarray(fixed["objectives"])[0]
+        )
 
 
 @pytest.mark.parametrize(
