@@ -7,6 +7,11 @@ inner gradient-descent steps on `G` from `phi_0 = theta`:
 
 - iMAML: `(I + H(phi_K)/lam)^-1 grad L_query(phi_K)` by `C` conjugate-gradient steps
   (`tf_imaml.implicit.implicit_meta_gradient`).
+- damped iMAML, the system the authors' code solves:
+  `((1 + damping) I + H(phi_K)/(lam + lam_damping))^-1 grad L_query(phi_K)` (`--damping=1`,
+  `--lam_damping=10`: `2I + H/12` at lam 2), with the largest `C`. Its error against the
+  exact target includes its bias; the same system solved at the reference point `phi*`
+  (reported with the reference) is the bias alone.
 - MAML: backpropagation through the `K` unrolled steps on the same proximal objective
   (`tf_imaml.unrolled`), so that it converges to the same target as `K` grows.
 - first-order MAML: `grad L_query(phi_K)`.
@@ -19,9 +24,11 @@ Two problems:
   activation by `--activation`). The reference is computed in float64: the inner problem by
   `--reference_inner_steps` gradient-descent steps or, with `--reference_solver=lbfgs`, as
   many L-BFGS iterations (`tf_imaml.reference.lbfgs_proximal_minimum`; the remaining
-  proximal gradient norm is reported), then conjugate gradient to a tiny residual (reported, with the tasks
-  where `I + H/lam` showed non-positive curvature). Only tasks whose inner problem was solved
-  to a gradient norm below 1e-6 are compared.
+  proximal gradient norm is reported), from theta or, with `--reference_init=phi_K`, from
+  GD's iterate at the largest `K` (so that L-BFGS finds the minimiser GD's path approaches);
+  then conjugate gradient to a tiny residual (reported, with the tasks where `I + H/lam`
+  showed non-positive curvature). `||phi_K - phi*||` is reported for every `K`. Only tasks
+  whose inner problem was solved to a gradient norm below 1e-6 are compared.
 
 Each approximation is computed in float32 (what users run) and in float64, both against the
 float64 reference, so that truncation and rounding errors can be told apart. Writes
@@ -52,7 +59,6 @@ from tf_imaml import batched
 from tf_imaml import hvp as hvp_lib
 from tf_imaml import implicit
 from tf_imaml import inner_solvers
-from tf_imaml import linear_solve
 from tf_imaml import reference
 from tf_imaml import testing
 from tf_imaml import tree
@@ -60,9 +66,10 @@ from tf_imaml import unrolled
 
 NAME = "gradient_accuracy"
 WEIGHTS = ("pretrained", "random")
-METHODS = ("imaml", "maml", "fomaml")
+METHODS = ("imaml", "imaml_damped", "maml", "fomaml")
 DTYPES = ("float32", "float64")
 REFERENCE_SOLVERS = ("gd", "lbfgs")
+REFERENCE_INITS = ("theta", "phi_K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +93,7 @@ class Config:
         tiny=("random",),
         choices=WEIGHTS,
     )
-    conv_tasks: int = option(8, "Omniglot tasks.", tiny=2, lower_bound=1)
+    conv_tasks: int = option(32, "Omniglot tasks.", tiny=2, lower_bound=1)
     lam: float = option(2.0, "Proximal strength on the conv net.")
     inner_learning_rate: float = option(0.1, "Inner GD step on the conv net.")
     queries: int = option(15, "Query examples per class (conv net).", tiny=2, lower_bound=1)
@@ -100,6 +107,13 @@ class Config:
         "Inner solver of the float64 reference: gradient descent or L-BFGS.",
         choices=REFERENCE_SOLVERS,
     )
+    reference_init: str = option(
+        "theta",
+        "Start of the L-BFGS reference: theta, or phi_K (GD's iterate at the largest K).",
+        choices=REFERENCE_INITS,
+    )
+    damping: float = option(1.0, "Damped iMAML's extra identity term (the authors' 1).")
+    lam_damping: float = option(10.0, "Damped iMAML's addition to lam (the authors' 10).")
     reference_inner_steps: int = option(
         2000, "GD steps (or L-BFGS iterations at most) of the reference.", tiny=300, lower_bound=1
     )
@@ -118,6 +132,11 @@ class Config:
         for name in ("ridge_lam", "ridge_learning_rate", "lam", "inner_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("damping", "lam_damping"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.reference_init == "phi_K" and self.reference_solver != "lbfgs":
+            raise ValueError("--reference_init=phi_K needs --reference_solver=lbfgs")
         if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
         if self.reference_solver not in REFERENCE_SOLVERS:
@@ -300,20 +319,22 @@ class Estimators:
     def _query_grad(self, params, query):
         return hvp_lib.value_and_grad(lambda p: self.loss_fn(p, *query), params)[1]
 
-    def _imaml(self, params, query_grads, max_iter, tol, support):
+    def _imaml(self, params, query_grads, max_iter, tol, support, damping=0.0, lam_damping=0.0):
+        """CG on `((1 + damping) I + H/(lam + lam_damping)) g = v` (iMAML's at zero damping)."""
         support_loss_fn = lambda p: self.loss_fn(p, *support)  # noqa: E731
-        result = implicit.implicit_meta_gradient(
-            support_loss_fn,
-            params,
-            query_grads,
-            lam=self.lam,
-            linear_solver=linear_solve.solve_cg,
-            max_iter=max_iter,
+        cg = tf_imaml.CG(
+            steps=max_iter,
             tol=tol,
+            damping=damping,
+            lam_damping=lam_damping,
             hvp_mode="linearized",
+            implementation="cg",  # linear_solve.solve_cg: per-task stopping
+        )
+        result = implicit.implicit_meta_gradient(
+            support_loss_fn, params, query_grads, lam=self.lam, linear_solver=cg
         )
         # The true residual (CG's recursive one drifts from it in float32): one more matvec.
-        matvec = hvp_lib.make_proximal_matvec(support_loss_fn, params, lam=self.lam)
+        matvec = cg.matvec_fn(support_loss_fn, params, lam=self.lam)
         residual = tree.norm(tree.sub(query_grads, matvec(result.meta_grads)))
         return ImplicitResult(
             tree.flatten_tasks(result.meta_grads),
@@ -359,13 +380,19 @@ def reference_gradient(problem: Problem, est: Estimators, config: Config) -> dic
     GD runs in segments; at every checkpoint (each `K` of the study, and with the `"gd"`
     solver the reference's own step count) the proximal gradient norm and a full CG solve are
     recorded, so the report shows how the inner problem converges (or does not). With the
-    `"lbfgs"` solver the reference point is L-BFGS's, from theta, recorded as the last row.
+    `"lbfgs"` solver the reference point is L-BFGS's, from theta or (`reference_init="phi_K"`)
+    from GD's last checkpoint, recorded as the last row. Once the reference point `phi*` is
+    known, GD is run again from theta to record `||phi_k - phi*||` at every checkpoint.
 
     Returns per-task arrays for the end point: `target` `[T, N]`, the remaining proximal
     gradient norm `inner_grad_norm`, the CG `residual` (true, recomputed),
     `negative_curvature`, and `ok`: the tasks whose reference is trusted (finite, positive
     definite, gradient norm and residual below `REFERENCE_MAX_GRAD_NORM` and
-    `REFERENCE_MAX_RESIDUAL`); and `trajectory`, the same diagnostics at every checkpoint.
+    `REFERENCE_MAX_RESIDUAL`); `theta_distance`, `||theta - phi*||`; `damped_bias`, the
+    damped system's solution at `phi*` (`config.damping`, `config.lam_damping`, the
+    reference's CG) against `target` (`cosine`, `relative_error`, its true `residual`);
+    and `trajectory`, the same diagnostics at every checkpoint, with
+    `distance_to_reference` `||phi_k - phi*||`.
     """
     theta = problem.meta_params
     gd_end = (
@@ -404,11 +431,32 @@ def reference_gradient(problem: Problem, est: Estimators, config: Config) -> dic
             theta,
             lam=est.lam,
             max_iterations=config.reference_inner_steps,
+            init_params=phi if config.reference_init == "phi_K" else None,
         )
-        solve = record(
-            f"L-BFGS {int(lbfgs.num_iterations)}", lbfgs.adapted_params, lbfgs.grad_norm.numpy()
-        )
+        phi = lbfgs.adapted_params
+        solve = record(f"L-BFGS {int(lbfgs.num_iterations)}", phi, lbfgs.grad_norm.numpy())
     target = solve.meta_grads.numpy()
+    phi_star = tree.flatten_tasks(phi).numpy()
+    # Second pass: GD from theta again, each checkpoint's distance to phi*.
+    phi_k, done = theta, 0
+    for row, k in zip(trajectory, checkpoints, strict=False):
+        phi_k = est.inner(theta, phi_k, tf.constant(k - done), problem.support).adapted_params
+        done = k
+        row["distance_to_reference"] = _distance(phi_k, phi_star)
+    if config.reference_solver == "lbfgs":
+        trajectory[-1]["distance_to_reference"] = np.zeros(problem.num_tasks)
+    damped = est.imaml(
+        phi,
+        est.query_grad(phi, problem.query),
+        config.reference_cg_steps,
+        REFERENCE_CG_TOL,
+        problem.support,
+        config.damping,
+        config.lam_damping,
+    )
+    damped_bias = compare(damped.meta_grads, target, ("cosine", "relative_error")) | {
+        "residual": damped.residual.numpy()
+    }
     end = trajectory[-1]
     ok = (
         ~end["negative_curvature"]
@@ -418,8 +466,15 @@ def reference_gradient(problem: Problem, est: Estimators, config: Config) -> dic
     )
     return {"target": target, **{k: v for k, v in end.items() if k != "inner_steps"}} | {
         "ok": ok,
+        "theta_distance": _distance(theta, phi_star),
+        "damped_bias": damped_bias,
         "trajectory": trajectory,
     }
+
+
+def _distance(params, flat: np.ndarray) -> np.ndarray:
+    """Per-task `||params - flat||`, `flat` the `[T, N]` flattened point."""
+    return np.linalg.norm(tree.flatten_tasks(params).numpy() - flat, axis=1)
 
 
 def trajectory_table(trajectory: list) -> str:
@@ -429,6 +484,8 @@ def trajectory_table(trajectory: list) -> str:
             "inner steps (GD, or L-BFGS iterations)",
             "‖∇G‖ mean",
             "‖∇G‖ max",
+            "‖φ − φ*‖ mean",
+            "‖φ − φ*‖ max",
             "tasks with non-positive curvature",
             "CG true residual (median)",
         ],
@@ -437,6 +494,8 @@ def trajectory_table(trajectory: list) -> str:
                 row["inner_steps"],
                 float(np.mean(row["inner_grad_norm"])),
                 float(np.max(row["inner_grad_norm"])),
+                float(np.mean(row["distance_to_reference"])),
+                float(np.max(row["distance_to_reference"])),
                 f"{int(np.sum(row['negative_curvature']))} of {len(row['negative_curvature'])}",
                 float(np.median(row["residual"])),
             ]
@@ -457,12 +516,14 @@ def sweep(
     """Every approximation at every `K` (and `C`), in both dtypes, against `target`.
 
     Returns `{dtype: {"inner_grad_norm": [nK][T], "imaml": [nK][nC]{...},
-    "maml": [nK]{...}, "fomaml": [nK]{...}}, "precision": {method: [nK]{...}}}` where
-    `{...}` holds per-task `cosine` and `relative_error` (iMAML also its CG `residual` and
-    `negative_curvature`), and `precision` compares float32 with float64 at the same
-    `K` (and `C = max`): the rounding error alone.
+    "imaml_damped": [nK]{...}, "maml": [nK]{...}, "fomaml": [nK]{...}}, "precision":
+    {method: [nK]{...}}}` where `{...}` holds per-task `cosine` and `relative_error` (iMAML
+    and damped iMAML also their CG `residual` and `negative_curvature`), and `precision`
+    compares float32 with float64 at the same `K` (and `C = max`): the rounding error
+    alone. Damped iMAML solves `config.damping`, `config.lam_damping`'s system with
+    `C = max`.
     """
-    out = {d: {"inner_grad_norm": [], "imaml": [], "maml": [], "fomaml": []} for d in DTYPES}
+    out = {d: {"inner_grad_norm": [], **{m: [] for m in METHODS}} for d in DTYPES}
     out["precision"] = {m: [] for m in METHODS}
     phi = {d: by_dtype[d].meta_params for d in DTYPES}
     done = 0
@@ -492,8 +553,25 @@ def sweep(
                     }
                 )
             out[d]["imaml"].append(row)
+            damped = e.imaml(
+                phi[d],
+                v,
+                config.cg_steps[-1],
+                APPROX_CG_TOL,
+                problem.support,
+                config.damping,
+                config.lam_damping,
+            )
+            out[d]["imaml_damped"].append(
+                compare(damped.meta_grads, target)
+                | {
+                    "residual": damped.residual.numpy(),
+                    "negative_curvature": damped.negative_curvature.numpy(),
+                }
+            )
             grads[d] = {
                 "imaml": r.meta_grads.numpy(),
+                "imaml_damped": damped.meta_grads.numpy(),
                 "fomaml": tree.flatten_tasks(v).numpy(),
                 "maml": e.maml_by_chunks(problem, k, maml_chunk),
             }
@@ -507,7 +585,8 @@ def sweep(
         print(
             f"[{label}] K={k}: rel. error float32/float64  iMAML(C={config.cg_steps[-1]}) "
             f"{harness.mean(out['float32']['imaml'][-1][-1]['relative_error']):.2e}/"
-            f"{harness.mean(out['float64']['imaml'][-1][-1]['relative_error']):.2e}  MAML "
+            f"{harness.mean(out['float64']['imaml'][-1][-1]['relative_error']):.2e}  damped "
+            f"{harness.mean(out['float64']['imaml_damped'][-1]['relative_error']):.2e}  MAML "
             f"{harness.mean(out['float32']['maml'][-1]['relative_error']):.2e}/"
             f"{harness.mean(out['float64']['maml'][-1]['relative_error']):.2e}  FOMAML "
             f"{harness.mean(out['float32']['fomaml'][-1]['relative_error']):.2e}  "
@@ -533,7 +612,8 @@ def tables(name: str, setting: str, result: dict, config: Config, ok=None) -> st
     ):
         lines += [
             f"{title} against the exact meta-gradient (mean over tasks), by inner steps K "
-            f"(iMAML with C = {c_max} CG steps):",
+            f"(iMAML and damped iMAML with C = {c_max} CG steps; damped: "
+            f"`{1 + config.damping:g}I + H/(lam + {config.lam_damping:g})`):",
             "",
             reporting.markdown_table(
                 [
@@ -541,6 +621,8 @@ def tables(name: str, setting: str, result: dict, config: Config, ok=None) -> st
                     "‖∇G(φ_K)‖ (f64)",
                     "iMAML f32",
                     "iMAML f64",
+                    "damped f32",
+                    "damped f64",
                     "MAML f32",
                     "MAML f64",
                     "FOMAML f32",
@@ -552,6 +634,8 @@ def tables(name: str, setting: str, result: dict, config: Config, ok=None) -> st
                         m(f64["inner_grad_norm"][i]),
                         m(f32["imaml"][i][-1][metric]),
                         m(f64["imaml"][i][-1][metric]),
+                        m(f32["imaml_damped"][i][metric]),
+                        m(f64["imaml_damped"][i][metric]),
                         m(f32["maml"][i][metric]),
                         m(f64["maml"][i][metric]),
                         m(f32["fomaml"][i][metric]),
@@ -589,7 +673,7 @@ def tables(name: str, setting: str, result: dict, config: Config, ok=None) -> st
         f"meta-gradient with the same K (iMAML: C = {c_max}):",
         "",
         reporting.markdown_table(
-            ["K", "iMAML", "MAML", "FOMAML"],
+            ["K", "iMAML", "damped iMAML", "MAML", "FOMAML"],
             [
                 [k] + [m(prec[method][i]["relative_error"]) for method in METHODS]
                 for i, k in enumerate(ks)
@@ -605,7 +689,12 @@ def plot(panels: list, config: Config):
     plt = reporting.pyplot()
     ks, cs = np.array(config.inner_steps), np.array(config.cg_steps)
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
-    colors = {"imaml": "tab:blue", "maml": "tab:orange", "fomaml": "tab:green"}
+    colors = {
+        "imaml": "tab:blue",
+        "imaml_damped": "tab:red",
+        "maml": "tab:orange",
+        "fomaml": "tab:green",
+    }
     for row, (title, result, ok) in enumerate(panels):
         ax_k, ax_c = axes[row]
         for d, style in (("float32", "-"), ("float64", "--")):
@@ -614,6 +703,10 @@ def plot(panels: list, config: Config):
                 f"iMAML C={cs[-1]}": (
                     "imaml",
                     [harness.mean(r[-1]["relative_error"], ok) for r in res["imaml"]],
+                ),
+                "damped iMAML": (
+                    "imaml_damped",
+                    [harness.mean(r["relative_error"], ok) for r in res["imaml_damped"]],
                 ),
                 "MAML": ("maml", [harness.mean(r["relative_error"], ok) for r in res["maml"]]),
                 "FOMAML": (
@@ -714,12 +807,18 @@ def run(config: Config) -> dict:
             flush=True,
         )
         activation = "relu" if weights == "pretrained" else config.activation
+        lbfgs_start = (
+            f"GD's phi_K (K = {max(config.inner_steps)})"
+            if config.reference_init == "phi_K"
+            else "theta"
+        )
         reference_inner = (
             f"{config.reference_inner_steps} GD steps"
             if config.reference_solver == "gd"
-            else f"L-BFGS from theta ({ref['trajectory'][-1]['inner_steps'].split()[1]} "
+            else f"L-BFGS from {lbfgs_start} ({ref['trajectory'][-1]['inner_steps'].split()[1]} "
             f"iterations, at most {config.reference_inner_steps})"
         )
+        bias = {k: harness.mean(v, ref["ok"]) for k, v in ref["damped_bias"].items()}
         setting = (
             f"Omniglot conv net ({ref['target'].shape[1]:,} weights, {config.image_size}x"
             f"{config.image_size}, {config.filters} filters, {activation}), {weights} weights, "
@@ -732,16 +831,28 @@ def run(config: Config) -> dict:
             f"reference point on {int(ref['negative_curvature'].sum())} of "
             f"{config.conv_tasks} tasks. A task's reference is trusted when ‖∇G‖ < "
             f"{REFERENCE_MAX_GRAD_NORM:g}, CG saw only positive curvature and its residual is "
-            f"< {REFERENCE_MAX_RESIDUAL:g}: {int(ref['ok'].sum())} of {config.conv_tasks} tasks."
+            f"< {REFERENCE_MAX_RESIDUAL:g}: {int(ref['ok'].sum())} of {config.conv_tasks} tasks. "
+            f"‖θ − φ*‖ per task: {_fmt_list(ref['theta_distance'])}. Damped iMAML's system "
+            f"`{1 + config.damping:g}I + H/(lam + {config.lam_damping:g})` solved at φ* by the "
+            "reference's CG (its bias alone, mean over trusted tasks): relative error "
+            f"{reporting.format_cell(bias['relative_error'])}, cosine "
+            f"{reporting.format_cell(bias['cosine'])} (CG residual "
+            f"{reporting.format_cell(float(np.max(ref['damped_bias']['residual'])))} at most)."
         )
         entry = {"reference": {k: v for k, v in ref.items() if k != "target"}}
         results["problems"][f"conv_{weights}"] = entry
         convergence = (
             "The float64 reference's inner loop (GD on `G` from theta"
-            + ("; the last row L-BFGS from theta" if config.reference_solver == "lbfgs" else "")
+            + (
+                f"; the last row L-BFGS from {lbfgs_start}"
+                if config.reference_solver == "lbfgs"
+                else ""
+            )
             + "; CG on `I + H/lam` "
             f"with the query gradient, at most {config.reference_cg_steps} steps) at each "
-            "checkpoint:\n\n" + trajectory_table(ref["trajectory"]) + "\n"
+            "checkpoint; ‖φ − φ*‖ is the distance to the reference point:\n\n"
+            + trajectory_table(ref["trajectory"])
+            + "\n"
         )
         if not ref["ok"].any():
             sections.append(
@@ -775,7 +886,10 @@ def run(config: Config) -> dict:
         "Approximations after K inner GD steps on the proximal objective from theta: iMAML "
         "(C conjugate-gradient steps on `(I + H/lam) g = grad L_query(phi_K)`, CG tolerance "
         f"{APPROX_CG_TOL:g}), MAML (backpropagation through the K steps on the same proximal "
-        "objective), FOMAML (`grad L_query(phi_K)`). f32/f64: the approximation computed in "
+        "objective), FOMAML (`grad L_query(phi_K)`), damped iMAML (the authors' system "
+        f"`{1 + config.damping:g}I + H/(lam + {config.lam_damping:g})`, same C as iMAML: "
+        "damping buys definiteness at the price of a different gradient, so its error "
+        "includes that bias). f32/f64: the approximation computed in "
         "float32 or float64, both against the same float64 (or closed-form) target.\n"
     )
     reporting.write(

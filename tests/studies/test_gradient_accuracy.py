@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tf_imaml import hvp
 from tf_imaml import reference
+from tf_imaml import testing
 from tf_imaml import tree
 
 # Slow: runs the study at a tiny size.
@@ -67,16 +68,46 @@ def test_float32_runs_carry_float32_rounding(results):
     # much (not more than 1e-4 on this well-conditioned problem, not less than 1e-10,
     # which would mean the "float32" run was computed in float64).
     assert 1e-10 < err32 < 1e-4
-    for method in ("imaml", "maml", "fomaml"):
+    for method in ("imaml", "imaml_damped", "maml", "fomaml"):
         diffs = [_mean(row["relative_error"]) for row in ridge["precision"][method]]
         assert all(1e-10 < d < 1e-4 for d in diffs), (method, diffs)
+
+
+def test_damped_imaml_at_convergence_is_the_dense_damped_solution(results, study):
+    config = study.Config(**RIDGE)
+    by_dtype, target = study.ridge_problems(config)
+    tasks = testing.linear_tasks(
+        num_tasks=config.ridge_tasks,
+        num_support=config.ridge_support,
+        num_query=config.ridge_query,
+        dim=config.ridge_dim,
+        seed=config.seed,
+    )
+    # Oracle: np.linalg.solve of the damped system at the exact proximal point, its
+    # right-hand side grad L_query(phi*) = (H + lam I) g* / lam recovered from the closed-form
+    # target g* (tf_imaml.testing.ridge_meta_gradient).
+    lam, damping, lam_damping = config.ridge_lam, config.damping, config.lam_damping
+    hessian = testing.ridge_hessian(tasks.support_x)
+    eye = np.eye(config.ridge_dim)
+    query_grad = np.einsum("tij,tj->ti", hessian + lam * eye, target) / lam
+    system = (1 + damping) * eye + hessian / (lam + lam_damping)
+    damped = np.linalg.solve(system, query_grad[..., None])[..., 0]
+    bias = np.linalg.norm(damped - target, axis=1) / np.linalg.norm(target, axis=1)
+    # K = 300 leaves ~1e-14 of inner error and C = 20 CG steps solve the 6 unknowns exactly.
+    got = results[0]["problems"]["ridge"]["result"]["float64"]["imaml_damped"][-1]
+    np.testing.assert_allclose(got["relative_error"], bias, rtol=1e-6)
+    # Damping changes the gradient: a bias of order one here (the damped system halves it).
+    assert np.all(bias > 0.1)
+    assert (
+        "| K | ‖∇G(φ_K)‖ (f64) | iMAML f32 | iMAML f64 | damped f32 | damped f64 |"
+        in (results[1] / "gradient_accuracy.md").read_text()
+    )
 
 
 def test_writes_markdown_json_and_plot(results, assert_png):
     data, out = results
     table = (out / "gradient_accuracy.md").read_text()
     assert "### Ridge regression (closed form)" in table
-    assert "| K | ‖∇G(φ_K)‖ (f64) | iMAML f32 | iMAML f64 | MAML f32 |" in table
     assert "\n| 300 | " in table and "| K | C=1 | C=3 | C=20 |" in table
     saved = json.loads((out / "gradient_accuracy.json").read_text())
     assert saved["config"]["inner_steps"] == [1, 5, 300]
@@ -157,3 +188,60 @@ def test_bad_config_is_refused(study):
         study.Config(inner_steps=(5, 1)).validate()
     with pytest.raises(ValueError, match="pretrained needs"):
         study.Config(weights=("pretrained",), filters=8).validate()
+
+
+def test_warm_started_lbfgs_reference_on_the_tanh_net(study):
+    config = study.Config(
+        conv_tasks=2,
+        queries=1,
+        image_size=14,
+        filters=4,
+        weights=("random",),
+        activation="tanh",
+        inner_steps=(1, 5),
+        reference_solver="lbfgs",
+        reference_init="phi_K",
+        reference_inner_steps=60,
+        reference_cg_steps=100,
+    )
+    rng = np.random.default_rng(1)
+    images = tf.constant(rng.uniform(size=(2, 5, 14, 14, 1)), tf.float32)
+    labels = tf.constant([[0, 1, 2, 3, 4]] * 2, tf.int32)
+    problem = study.conv_problems(config, (images, labels, images, labels), "random")["float64"]
+    est = study.Estimators(problem.loss_fn, lam=2.0, learning_rate=0.1)
+    ref = study.reference_gradient(problem, est, config)
+    gd_k, lbfgs_row = ref["trajectory"][-2], ref["trajectory"][-1]
+    assert gd_k["inner_steps"] == 5 and lbfgs_row["inner_steps"].startswith("L-BFGS ")
+    # L-BFGS started at GD's phi_5 and lowered its proximal gradient norm a hundredfold.
+    assert np.all(ref["inner_grad_norm"] < gd_k["inner_grad_norm"] / 100), (
+        ref["inner_grad_norm"],
+        gd_k["inner_grad_norm"],
+    )
+    # ||phi_K - phi*|| recomputed: 5 GD steps from theta again, against the reference point
+    # (whose own distance is 0).
+    phi_star = study.reference.lbfgs_proximal_minimum(
+        lambda p: problem.loss_fn(p, *problem.support),
+        problem.meta_params,
+        lam=2.0,
+        max_iterations=60,
+        init_params=est.inner(
+            problem.meta_params, problem.meta_params, tf.constant(5), problem.support
+        ).adapted_params,
+    ).adapted_params
+    phi_5 = est.inner(problem.meta_params, problem.meta_params, tf.constant(5), problem.support)
+    want = np.linalg.norm(
+        tree.flatten_tasks(phi_5.adapted_params).numpy() - tree.flatten_tasks(phi_star).numpy(),
+        axis=1,
+    )
+    np.testing.assert_allclose(gd_k["distance_to_reference"], want, rtol=1e-6)
+    np.testing.assert_array_equal(lbfgs_row["distance_to_reference"], 0.0)
+    assert np.all(gd_k["distance_to_reference"] > 0) and np.all(ref["theta_distance"] > 0)
+    # The damped system at phi*: finite, solved, and a different gradient from the target.
+    bias = ref["damped_bias"]
+    assert np.all(bias["residual"] < 1e-8) and np.all(bias["relative_error"] > 1e-3)
+    assert np.all(bias["cosine"] > 0)
+
+
+def test_warm_start_needs_the_lbfgs_reference(study):
+    with pytest.raises(ValueError, match="reference_init=phi_K needs --reference_solver=lbfgs"):
+        study.Config(reference_init="phi_K").validate()
