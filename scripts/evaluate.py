@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -126,7 +127,8 @@ def main(argv):
         model_file(config.model)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    result = evaluate(config)
+    # A progress bar redrawn in place only makes sense on a terminal; a log gets one line.
+    result = evaluate(config, verbose=1 if sys.stdout.isatty() else 2)
     print(
         f"{pathlib.Path(config.model).name}: Omniglot {result['ways']}-way {config.shots}-shot "
         f"{config.subset} accuracy {100 * result['accuracy']:.2f} +- "

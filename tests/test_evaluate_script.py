@@ -21,6 +21,8 @@ def test_shipped_model_is_far_above_chance(tmp_path, run_script):
     assert re.search(
         r"5-way 1-shot test accuracy \d+\.\d+ \+- \d+\.\d+% over 40 tasks", proc.stdout
     ), proc.stdout
+    # Not a terminal: one progress line, not a bar redrawn in place for every batch.
+    assert "\x08" not in proc.stdout and "\r" not in proc.stdout, proc.stdout[:500]
     result = json.loads(out.read_text())
     # Chance is 20% for 5 ways; a meta-trained model is far above it on unseen characters.
     assert result["accuracy"] > 0.7 and result["tasks"] == 40
