@@ -1,15 +1,23 @@
 """Study 3: accuracy against the number of inner steps, in training and at test time.
 
-iMAML-GD and MAML are meta-trained on Omniglot N-way K-shot from the same initial weights on
-the same stream of training episodes, for the same number of meta-steps, each with its own
-number of training inner steps `K_train`. Every trained model (and, optionally, the shipped
-pretrained iMAML model) is then adapted with each test-time `K_test` to the same held-out
-test tasks; the query accuracy is reported as mean +- 95% CI over tasks. `K_test = 0` is the
-unadapted meta-initialisation; the script also scores it directly with the learner (no
-meta-learner code in between) as a check.
+iMAML-GD and MAML are meta-trained on Omniglot N-way K-shot, for the same number of
+meta-steps, each with its own number of training inner steps `K_train` and at each inner
+step size of `--inner_learning_rates` (both algorithms at every step size, so that a
+difference in step size cannot pass for a difference in algorithm; the same step size
+adapts at test time). Every arm (algorithm, `K_train`, step size) is trained once per
+training seed (`--seeds`: the initial weights and the training episodes; for a seed, every
+arm starts from the same weights and meets the same episodes). Every trained model (and,
+optionally, the shipped pretrained iMAML model) is then adapted with each test-time `K_test`
+to the same held-out test tasks (`--test_seed`, the same for every seed). Reported per arm
+and `K_test`: the mean over seeds with its 95% t interval over seeds (`stats`; with one seed,
+the normal interval over tasks), and paired tests on the same tasks between arms that differ
+in the algorithm or in the step size only. `K_test = 0` is the unadapted
+meta-initialisation; the script also scores it directly with the learner (no meta-learner
+code in between) as a check.
 
 Writes `<output_dir>/inner_steps.md` (the tables), `inner_steps.json` (every number, the
-per-task accuracies included) and `inner_steps.png` (accuracy against `K_test`).
+per-task accuracies of every seed included) and `inner_steps.png` (accuracy against
+`K_test`).
 
 Usage:
   python scripts/studies/inner_steps.py --output_dir=runs/study_inner_steps
@@ -28,6 +36,7 @@ import harness
 import keras
 import numpy as np
 import reporting
+import stats
 from absl import app
 from absl import flags
 from harness import option
@@ -58,9 +67,18 @@ class Config:
     image_size: int = option(28, "Image side.", lower_bound=8, tiny=14)
     filters: int = option(64, "Channels of the conv net.", lower_bound=1, tiny=8)
     lam: float = option(2.0, "iMAML proximal strength lambda.")
-    imaml_inner_learning_rate: float = option(0.1, "iMAML inner GD step size.")
+    imaml_inner_learning_rate: float = option(
+        0.1, "iMAML inner GD step size when --inner_learning_rates is empty."
+    )
     maml_inner_learning_rate: float = option(
-        0.4, "MAML inner step size (0.4: Finn et al. on Omniglot)."
+        0.4,
+        "MAML inner step size when --inner_learning_rates is empty (0.4: Finn et al. on Omniglot).",
+    )
+    inner_learning_rates: tuple[float, ...] = option(
+        (0.1, 0.4),
+        "Every algorithm is trained and adapted at each of these inner step sizes (0.1: the "
+        "iMAML paper's; 0.4: Finn et al.'s MAML); empty: iMAML at "
+        "--imaml_inner_learning_rate, MAML at --maml_inner_learning_rate.",
     )
     cg_steps: int = option(5, "iMAML CG steps.", lower_bound=1)
     outer_learning_rate: float = option(1e-3, "Adam step size.")
@@ -74,7 +92,12 @@ class Config:
     pretrained: str = option(
         str(harness.PRETRAINED), "Also sweep K_test for this saved model ('' for none)."
     )
-    seed: int = option(0, "Seed of the initial weights and training episodes.")
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2, 3, 4),
+        "Training seeds: each arm is trained once per seed (initial weights and episodes).",
+        tiny=(0, 1),
+    )
+    test_seed: int = option(2, "Seed of the test tasks (the same for every model and seed).")
     log_every: int = option(25, "Print progress every this many steps.", tiny=1)
 
     def validate(self) -> None:
@@ -94,6 +117,10 @@ class Config:
         for name in ("lam", "imaml_inner_learning_rate", "maml_inner_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if any(not lr > 0 for lr in self.inner_learning_rates):
+            raise ValueError(f"--inner_learning_rates must be > 0, got {self.inner_learning_rates}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds}")
         if self.pretrained and not pathlib.Path(self.pretrained).is_file():
             raise ValueError(f"--pretrained {self.pretrained} is not a file")
 
@@ -105,11 +132,34 @@ TINY = harness.tiny_values(Config)
 class ModelSpec:
     algorithm: str  # "imaml", "maml" or "fomaml".
     train_steps: int
+    learning_rate: float  # Inner step size, in training and at test time.
+    seed: int  # Training seed: initial weights and episodes.
+    show_learning_rate: bool = True  # Whether the label names the step size.
 
     @property
     def label(self) -> str:
+        """The arm's label (the same for every seed)."""
         name = {"imaml": "iMAML-GD", "maml": "MAML", "fomaml": "FO-MAML"}[self.algorithm]
-        return f"{name} K_train={self.train_steps}"
+        lr = f" lr={self.learning_rate:g}" if self.show_learning_rate else ""
+        return f"{name} K_train={self.train_steps}{lr}"
+
+
+def model_specs(config: Config) -> list[ModelSpec]:
+    """Every model to train: arm by arm, each for every seed."""
+    arms = (
+        [("imaml", k) for k in config.imaml_train_steps]
+        + [("maml", k) for k in config.maml_train_steps]
+        + [("fomaml", k) for k in config.fomaml_train_steps]
+    )
+    specs = []
+    for algorithm, k in arms:
+        default = config.imaml_inner_learning_rate
+        if algorithm != "imaml":
+            default = config.maml_inner_learning_rate
+        for lr in config.inner_learning_rates or (default,):
+            for seed in config.seeds:
+                specs.append(ModelSpec(algorithm, k, lr, seed, bool(config.inner_learning_rates)))
+    return specs
 
 
 class _Progress(keras.callbacks.Callback):
@@ -146,7 +196,7 @@ def _build(config: Config, spec: ModelSpec, learner: keras.Model):
             learner,
             lam=config.lam,
             inner_steps=spec.train_steps,
-            inner_learning_rate=config.imaml_inner_learning_rate,
+            inner_learning_rate=spec.learning_rate,
             cg_steps=config.cg_steps,
             on_failure=config.on_failure,
         )
@@ -154,7 +204,7 @@ def _build(config: Config, spec: ModelSpec, learner: keras.Model):
         meta = tf_imaml.MAML(
             learner,
             inner_steps=spec.train_steps,
-            inner_learning_rate=config.maml_inner_learning_rate,
+            inner_learning_rate=spec.learning_rate,
             first_order=spec.algorithm == "fomaml",
         )
     return fewshot.compile_meta(meta, learning_rate=config.outer_learning_rate)
@@ -204,32 +254,29 @@ def run(config: Config, *, verbose: bool = True) -> dict:
     """Trains every model, sweeps K_test, writes the md/json/png; returns the results."""
     del verbose  # Progress always goes to stdout; the tests capture it.
     out = harness.output_folder(config, deterministic=True)
-    specs = (
-        [ModelSpec("imaml", k) for k in config.imaml_train_steps]
-        + [ModelSpec("maml", k) for k in config.maml_train_steps]
-        + [ModelSpec("fomaml", k) for k in config.fomaml_train_steps]
-    )
+    specs = model_specs(config)
     load = dict(image_size=config.image_size)
     train_data = tf_imaml.datasets.load_omniglot("train", **load) if specs else None
     test_data = tf_imaml.datasets.load_omniglot("test", **load)
     eval_batch = min(20, config.test_tasks)
     test_episodes = _episodes(
-        config, test_data, seed=config.seed + 2, num_tasks=config.test_tasks, batch=eval_batch
+        config, test_data, seed=config.test_seed, num_tasks=config.test_tasks, batch=eval_batch
     ).cache()
-    base = fewshot.learner(
-        ways=config.ways, image_size=config.image_size, filters=config.filters, seed=config.seed
-    )
-    init_weights = base.get_weights()
     models = []
     for spec in specs:
-        print(f"training {spec.label} for {config.meta_steps} meta-steps", flush=True)
-        keras.utils.set_random_seed(config.seed)
-        learner = keras.models.clone_model(base)
-        learner.set_weights(init_weights)
+        print(
+            f"training {spec.label} (seed {spec.seed}) for {config.meta_steps} meta-steps",
+            flush=True,
+        )
+        # The same initial weights and episodes for every arm of a seed.
+        learner = fewshot.learner(
+            ways=config.ways, image_size=config.image_size, filters=config.filters, seed=spec.seed
+        )
+        keras.utils.set_random_seed(spec.seed)
         meta = _build(config, spec, learner)
         steps, batch = config.meta_steps, config.meta_batch_size
         episodes = _episodes(
-            config, train_data, seed=config.seed, num_tasks=steps * batch, batch=batch
+            config, train_data, seed=spec.seed, num_tasks=steps * batch, batch=batch
         )
         progress = _Progress(spec.label, config.meta_steps, config.log_every)
         history, train_seconds = fewshot.meta_train(
@@ -242,6 +289,8 @@ def run(config: Config, *, verbose: bool = True) -> dict:
                 "label": spec.label,
                 "algorithm": spec.algorithm,
                 "train_steps": spec.train_steps,
+                "inner_learning_rate": spec.learning_rate,
+                "seed": spec.seed,
                 "meta_steps": config.meta_steps,
                 "train_seconds": round(train_seconds, 1),
                 "seconds_per_meta_step": train_seconds / config.meta_steps,
@@ -259,7 +308,7 @@ def run(config: Config, *, verbose: bool = True) -> dict:
         if size != config.image_size:
             data = tf_imaml.datasets.load_omniglot("test", image_size=size)
             episodes = _episodes(
-                config, data, seed=config.seed + 2, num_tasks=config.test_tasks, batch=eval_batch
+                config, data, seed=config.test_seed, num_tasks=config.test_tasks, batch=eval_batch
             ).cache()
         label = f"shipped iMAML-GD K_train={meta.inner_steps}"
         print(f"sweeping K_test for {label} ({config.pretrained})", flush=True)
@@ -270,6 +319,8 @@ def run(config: Config, *, verbose: bool = True) -> dict:
                 "label": label,
                 "algorithm": "imaml",
                 "train_steps": train_k,
+                "inner_learning_rate": float(meta.inner_learning_rate),
+                "seed": None,
                 "meta_steps": 1000,
                 "train_seconds": None,
                 "seconds_per_meta_step": None,
@@ -283,32 +334,106 @@ def run(config: Config, *, verbose: bool = True) -> dict:
     return _write(config, out, models)
 
 
+def summarize(config: Config, models: list[dict]) -> tuple[dict, list[dict]]:
+    """Seed-level summaries per arm and `K_test`, and paired tests between arms.
+
+    Returns `(arms, comparisons)`. `arms[label]` holds the arm's algorithm, `K_train`, step
+    size and, per `K_test` (a string key), a `stats.arm_summary` record. Comparisons pair
+    two arms of the same `K_train` that differ only in the algorithm (iMAML-GD against
+    MAML or first-order MAML, at the same step size) or only in the step size (the same
+    algorithm), at every `K_test`, on the same test tasks and their common seeds.
+    """
+    grouped = {}
+    for m in models:
+        arm = grouped.setdefault(
+            m["label"],
+            {
+                "algorithm": m["algorithm"],
+                "train_steps": m["train_steps"],
+                "inner_learning_rate": m.get("inner_learning_rate"),
+                "pretrained": "pretrained" in m,
+                "by_k": {},
+            },
+        )
+        for row in m["rows"]:
+            arm["by_k"].setdefault(str(row["test_steps"]), {})[m.get("seed")] = row["per_task"]
+    arms = {
+        label: {
+            **{k: v for k, v in arm.items() if k != "by_k"},
+            "test": {k: stats.arm_summary(by_seed) for k, by_seed in arm["by_k"].items()},
+        }
+        for label, arm in grouped.items()
+    }
+    comparisons = []
+    labels = [label for label, arm in arms.items() if not arm["pretrained"]]
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            arm_a, arm_b = arms[a], arms[b]
+            if arm_a["train_steps"] != arm_b["train_steps"]:
+                continue
+            same_lr = arm_a["inner_learning_rate"] == arm_b["inner_learning_rate"]
+            same_algorithm = arm_a["algorithm"] == arm_b["algorithm"]
+            if same_lr == same_algorithm:  # both differ, or neither
+                continue
+            if same_lr and arm_b["algorithm"] == "imaml":
+                a, b, arm_a, arm_b = b, a, arm_b, arm_a  # iMAML first
+            for k, summary in arm_a["test"].items():
+                if k not in arm_b["test"]:
+                    continue
+                try:
+                    result = stats.compare_arms(summary, arm_b["test"][k])
+                except ValueError:  # no common seed
+                    continue
+                comparisons.append(
+                    {
+                        "arm": a,
+                        "against": b,
+                        "differs_in": "step size" if same_algorithm else "algorithm",
+                        "test_steps": int(k),
+                        **result,
+                    }
+                )
+    return arms, comparisons
+
+
 def _write(config: Config, out: pathlib.Path, models: list[dict]) -> dict:
-    results = {"config": dataclasses.asdict(config), "models": models}
+    arms, comparisons = summarize(config, models)
+    results = {
+        "config": dataclasses.asdict(config),
+        "models": models,
+        "arms": arms,
+        "comparisons": comparisons,
+    }
     reporting.write(
         out,
         NAME,
-        markdown=_markdown(config, models),
+        markdown=_markdown(config, models, arms, comparisons),
         data=results,
-        figures={f"{NAME}.png": _plot(config, models)},
+        figures={f"{NAME}.png": _plot(config, arms)},
     )
     return results
 
 
 # Config fields that must agree for runs to be merged: the same test tasks and K_test values
-# for every run; the same training setting (init, episodes, meta-steps) for runs that train.
-_TEST_FIELDS = ("test_steps", "test_tasks", "ways", "shots", "queries", "seed")
+# for every run; the same training setting (episodes' shape, meta-steps) for runs that train.
+_TEST_FIELDS = ("test_steps", "test_tasks", "ways", "shots", "queries", "test_seed")
 _TRAIN_FIELDS = (
     "meta_steps",
     "meta_batch_size",
     "image_size",
     "filters",
     "lam",
-    "imaml_inner_learning_rate",
-    "maml_inner_learning_rate",
     "cg_steps",
     "outer_learning_rate",
     "on_failure",
+)
+# Tuple fields that merged runs add up (each run trains its own share of the arms and seeds).
+_UNION_FIELDS = (
+    "imaml_train_steps",
+    "maml_train_steps",
+    "fomaml_train_steps",
+    "inner_learning_rates",
+    "seeds",
 )
 
 
@@ -320,9 +445,12 @@ def _trains(config: dict) -> bool:
 def merge(paths: list[str], output_dir: str) -> dict:
     """Combines several runs' `inner_steps.json` (same setting) into one md/json/png.
 
+    Runs may split the arms or the seeds between them; a model (label and seed) met twice
+    is refused.
+
     Raises:
-      ValueError: If the runs differ in a field of `_TEST_FIELDS`, or two runs that train
-        differ in one of `_TRAIN_FIELDS`.
+      ValueError: If the runs differ in a field of `_TEST_FIELDS`, two runs that train
+        differ in one of `_TRAIN_FIELDS`, or two runs hold the same model.
     """
     runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     training_runs = [r for r in runs if _trains(r["config"])] or runs
@@ -330,15 +458,23 @@ def merge(paths: list[str], output_dir: str) -> dict:
     for path, r in zip(paths, runs, strict=True):
         shared = _TEST_FIELDS + (_TRAIN_FIELDS if _trains(r["config"]) else ())
         for field in shared:
-            if r["config"][field] != first[field]:
+            if r["config"].get(field) != first.get(field):
                 raise ValueError(
-                    f"{path} has {field}={r['config'][field]!r}, another run has {first[field]!r}"
+                    f"{path} has {field}={r['config'].get(field)!r}, another run has "
+                    f"{first.get(field)!r}"
                 )
     models = [m for r in runs for m in r["models"]]
+    seen = [(m["label"], m.get("seed")) for m in models]
+    twice = sorted({s for s in seen if seen.count(s) > 1}, key=str)
+    if twice:
+        raise ValueError(f"models met in more than one run: {twice}")
     fields = {f.name for f in dataclasses.fields(Config)}
     combined = {k: tuple(v) if isinstance(v, list) else v for k, v in first.items() if k in fields}
-    for key in ("imaml_train_steps", "maml_train_steps", "fomaml_train_steps"):
-        combined[key] = tuple(k for r in runs for k in r["config"][key])
+    for key in _UNION_FIELDS:
+        # A run that trains nothing (the shipped model only) has no seeds of its own.
+        values = [v for r in training_runs for v in r["config"].get(key, ())]
+        combined[key] = tuple(dict.fromkeys(values))
+    combined["seeds"] = combined["seeds"] or tuple(first.get("seeds", (0,)))
     combined["pretrained"] = next(
         (r["config"]["pretrained"] for r in runs if r["config"]["pretrained"]), ""
     )
@@ -352,58 +488,102 @@ def merge(paths: list[str], output_dir: str) -> dict:
     return results
 
 
-def _pct(row) -> str:
-    return f"{100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f}"
+def _interval(summary: dict) -> stats.Interval:
+    """The seed-level interval, or with one seed the normal interval over tasks."""
+    if len(summary["seeds"]) > 1:
+        return stats.Interval(**summary["seed_interval"])
+    mean, half = reporting.mean_ci95(summary["per_task"][0])
+    return stats.Interval(mean, half, mean - half, mean + half, 1)
 
 
-def _markdown(config: Config, models: list[dict]) -> str:
+def _pct(summary: dict) -> str:
+    interval = _interval(summary)
+    return f"{100 * interval.mean:.1f} ± {100 * interval.half_width:.1f}"
+
+
+def _shown_test_steps(config: Config, train_steps: int) -> int:
+    """The K_test of an arm's paired tests in the Markdown: K_train if tested, else the largest."""
+    return train_steps if train_steps in config.test_steps else max(config.test_steps)
+
+
+def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[dict]) -> str:
+    rates = (
+        ", ".join(f"{lr:g}" for lr in config.inner_learning_rates) + " (every algorithm at each)"
+        if config.inner_learning_rates
+        else f"iMAML {config.imaml_inner_learning_rate:g}, MAML {config.maml_inner_learning_rate:g}"
+    )
     setting = (
         f"Omniglot {config.ways}-way {config.shots}-shot, {config.queries} queries per class, "
         f"{config.image_size}x{config.image_size} images, conv4 with {config.filters} filters. "
         f"Trained models: {config.meta_steps} meta-steps at meta-batch "
-        f"{config.meta_batch_size}, Adam {config.outer_learning_rate:g}, same initial weights "
-        f"and training episodes (seed {config.seed}); iMAML-GD lam = {config.lam:g}, inner "
-        f"step {config.imaml_inner_learning_rate:g}, {config.cg_steps} CG steps, a task whose "
-        f"solve failed handled by on_failure={config.on_failure!r}; MAML inner "
-        f"step {config.maml_inner_learning_rate:g}. Test: the same {config.test_tasks} tasks "
-        f"(seed {config.seed + 2}) for every model and K_test; query accuracy in %, mean ± "
-        "95% CI over tasks."
+        f"{config.meta_batch_size}, Adam {config.outer_learning_rate:g}; training seeds "
+        f"{', '.join(str(s) for s in config.seeds)} (for a seed, every arm starts from the same "
+        f"weights and meets the same episodes); inner step sizes {rates}, the same in training "
+        f"and at test; iMAML-GD lam = {config.lam:g}, {config.cg_steps} CG steps, a task whose "
+        f"solve failed handled by on_failure={config.on_failure!r}. Test: the same "
+        f"{config.test_tasks} tasks (seed {config.test_seed}) for every model and K_test; query "
+        "accuracy in %, mean over seeds ± 95% t interval over seeds (an arm with one seed: ± "
+        "the normal 95% interval over tasks)."
     )
-    headers = ["model", "train time (s)", "s / meta-step", "failed fraction"] + [
+    headers = ["model", "seeds", "train time (s)", "s / meta-step", "failed fraction"] + [
         f"K_test={k}" for k in config.test_steps
     ]
-    rows = []
-    for m in models:
-        per_step = m["seconds_per_meta_step"]
+    rows, best_rows = [], []
+    for label, arm in arms.items():
+        mine = [m for m in models if m["label"] == label]
+        seconds = [m["train_seconds"] for m in mine if m["train_seconds"] is not None]
+        per_step = [m["seconds_per_meta_step"] for m in mine if m["seconds_per_meta_step"]]
+        failed = [m.get("final_train_logs", {}).get("failed_fraction") for m in mine]
+        failed = [f for f in failed if f is not None]
+        ks = [k for k in map(str, config.test_steps) if k in arm["test"]]
         rows.append(
             [
-                m["label"],
-                m["train_seconds"],
-                None if per_step is None else round(per_step, 2),
-                m.get("final_train_logs", {}).get("failed_fraction"),
+                label,
+                len(mine),
+                float(np.mean(seconds)) if seconds else None,
+                round(float(np.mean(per_step)), 2) if per_step else None,
+                float(np.mean(failed)) if failed else None,
             ]
-            + [_pct(r) for r in m["rows"]]
+            + [
+                _pct(arm["test"][k]) if k in arm["test"] else None
+                for k in map(str, config.test_steps)
+            ]
         )
-    best_rows = []
-    for m in models:
-        best = max(m["rows"], key=lambda r: r["accuracy"])
-        at_train = [r for r in m["rows"] if r["test_steps"] == m["train_steps"]]
+        best = max(ks, key=lambda k: arm["test"][k]["seed_interval"]["mean"])
+        at_train = arm["test"].get(str(arm["train_steps"]))
+        unadapted = np.mean([m["unadapted_accuracy"] for m in mine])
         best_rows.append(
             [
-                m["label"],
-                f"{100 * m['unadapted_accuracy']:.1f}",
-                _pct(at_train[0]) if at_train else None,
-                f"{best['test_steps']}",
-                _pct(best),
+                label,
+                f"{100 * unadapted:.1f}",
+                _pct(at_train) if at_train else None,
+                best,
+                _pct(arm["test"][best]),
             ]
         )
+    test_rows = [
+        [
+            c["arm"],
+            c["against"],
+            c["differs_in"],
+            c["test_steps"],
+            len(c["seeds"]),
+            stats.percent(stats.PairedResult(**c["per_task"])),
+            c["per_task"]["t_pvalue"],
+            c["per_task"]["sign_pvalue"],
+            stats.percent(stats.Interval(**c["per_seed"])),
+        ]
+        for c in comparisons
+        if c["test_steps"] == _shown_test_steps(config, arms[c["arm"]]["train_steps"])
+    ]
     lines = [
         f"## Accuracy against inner steps (K_train, K_test)\n\n{setting}\n",
         reporting.markdown_table(headers, rows),
         "\n'failed fraction': share of training tasks whose iMAML linear solve failed "
-        "(running mean over the whole run; MAML tasks fail only on non-finite values). The "
-        "shipped model's row is its own training run (1000 meta-steps, on_failure='drop', "
-        "tf_imaml/pretrained/README.md), not part of this command's training.\n",
+        "(running mean over the whole run, averaged over seeds; MAML tasks fail only on "
+        "non-finite values). The shipped model's row is its own training run (1000 "
+        "meta-steps, on_failure='drop', tf_imaml/pretrained/README.md), not part of this "
+        "command's training.\n",
         "### Best K_test per model\n",
         reporting.markdown_table(
             [
@@ -415,22 +595,44 @@ def _markdown(config: Config, models: list[dict]) -> str:
             ],
             best_rows,
         ),
+        "\n### Paired tests on the same test tasks, at K_test = K_train\n\n"
+        "(or the largest K_test when K_train is not among them) "
+        "Arms of the same K_train that differ in the algorithm only (same step size) or in "
+        "the step size only. Per task: each task's accuracy averaged over the common seeds, "
+        "the difference's mean ± 95% t interval (points), t-test and exact sign-test "
+        "p-values; per seed: the t interval of the per-seed mean differences. Every K_test "
+        "is in the JSON (`comparisons`).\n",
+        reporting.markdown_table(
+            [
+                "arm",
+                "against",
+                "differs in",
+                "K_test",
+                "seeds",
+                "per task: difference",
+                "t-test p",
+                "sign test p",
+                "per seed: difference",
+            ],
+            test_rows,
+        ),
         "",
     ]
     return "\n".join(lines)
 
 
-def _plot(config: Config, models: list[dict]):
+def _plot(config: Config, arms: dict):
     plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m in models:
-        ks = [r["test_steps"] for r in m["rows"]]
-        acc = [100 * r["accuracy"] for r in m["rows"]]
-        ci = [100 * r["ci95"] for r in m["rows"]]
-        style = "-" if m["algorithm"] == "imaml" else "--"
-        line = ax.errorbar(ks, acc, yerr=ci, fmt=style + "o", ms=3, capsize=2, label=m["label"])
-        if m["train_steps"] in ks:
-            i = ks.index(m["train_steps"])
+    for label, arm in arms.items():
+        ks = [k for k in config.test_steps if str(k) in arm["test"]]
+        intervals = [_interval(arm["test"][str(k)]) for k in ks]
+        acc = [100 * v.mean for v in intervals]
+        ci = [100 * v.half_width for v in intervals]
+        style = "-" if arm["algorithm"] == "imaml" else "--"
+        line = ax.errorbar(ks, acc, yerr=ci, fmt=style + "o", ms=3, capsize=2, label=label)
+        if arm["train_steps"] in ks:
+            i = ks.index(arm["train_steps"])
             ax.plot(ks[i], acc[i], "*", ms=12, color=line[0].get_color())
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(list(config.test_steps))
@@ -440,7 +642,7 @@ def _plot(config: Config, models: list[dict]):
     ax.set_ylabel("test query accuracy (%)")
     ax.set_title(
         f"Omniglot {config.ways}-way {config.shots}-shot, {config.test_tasks} test tasks, "
-        f"{config.meta_steps} meta-steps",
+        f"{config.meta_steps} meta-steps, {len(config.seeds)} seeds",
         fontsize=10,
     )
     ax.legend(fontsize=7, loc="lower right")
@@ -457,6 +659,7 @@ def main(argv):
         return
     try:
         config = harness.config_from_flags(Config, tiny=TINY)
+        harness.check_fields(config)
         config.validate()
     except ValueError as err:
         raise app.UsageError(str(err)) from None
@@ -471,6 +674,7 @@ if __name__ == "__main__":
         "merge",
         [],
         "Instead of running: combine the inner_steps.json of runs with the same test setting "
-        "(run in parallel, one model each) into one table and plot in --output_dir.",
+        "(run in parallel, each with its share of the arms or seeds) into one table and plot "
+        "in --output_dir.",
     )
     app.run(main)
