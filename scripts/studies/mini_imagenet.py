@@ -1,19 +1,26 @@
 r"""Study 7: mini-ImageNet 5-way few-shot, iMAML against MAML and first-order MAML.
 
-Each algorithm is meta-trained by `scripts/train.py` (a fresh process, the same flags, the
-same seed, so the same initial weights and the same episodes) with the 4-layer conv net of
-the MAML papers (32 filters, exact max pooling: `tf_imaml.layers.ExactMaxPool2D`, see
-NOTES_TF.md), then scored on `--test_tasks` test episodes (mean +- 95% CI). The study reads
-each run's `results.json` and its TensorBoard logs (validation accuracy and the fraction of
-failed implicit-gradient solves per epoch) and writes `mini_imagenet.md`,
-`mini_imagenet.json` and `mini_imagenet.png` (validation accuracy against meta-steps, and the
-failed fraction) into `--output_dir`, beside the published figures.
+Each arm (an algorithm with its settings: `imaml` is iMAML-GD as the paper states it,
+`imaml_authors` the system the authors' code solves, `imaml_hf`, `maml`, `fomaml`) is
+meta-trained by `scripts/train.py` once per training seed (`--seeds`; a fresh process per
+run; for a seed every arm starts from the same initial weights and meets the same episodes)
+with the 4-layer conv net of the MAML papers (32 filters, exact max pooling:
+`tf_imaml.layers.ExactMaxPool2D`, see NOTES_TF.md). The study then scores every trained
+model, in its own test-time adaptation, on the same `--test_tasks` test episodes
+(`--test_seed`, the same for every arm and seed), and reports per arm the mean over seeds
+with its 95% t interval over seeds, and between every two arms paired tests on those tasks
+(`stats.compare_arms`); the per-task accuracies of every model go into the JSON. It reads
+each run's TensorBoard logs (validation accuracy and the fraction of failed
+implicit-gradient solves per epoch) and writes `mini_imagenet.md`, `mini_imagenet.json` and
+`mini_imagenet.png` (validation accuracy against meta-steps, and the failed fraction) into
+`--output_dir`, beside the published figures.
 
     python scripts/studies/mini_imagenet.py --output_dir=docs/studies/mini_imagenet
 
-Runs already finished under `--runs_dir` (a `results.json` from the same configuration) are
-read instead of trained again, so a long study can be run one algorithm at a time; an
-interrupted run of the same flags resumes from its last checkpoint.
+Runs already finished under `--runs_dir` (a `results.json` from the same configuration, and
+the study's test of it) are read instead of trained and tested again, so a long study can be
+run one arm or seed at a time; an interrupted run of the same flags resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +34,32 @@ import sys
 import time
 
 import harness
+import numpy as np
 import reporting
+import stats
 from harness import option
 
 TRAIN_SCRIPT = harness.ROOT / "scripts" / "train.py"
-ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml")
+ALGORITHMS = ("imaml", "imaml_authors", "imaml_hf", "maml", "fomaml")
+# scripts/train.py flags of each arm beyond the shared ones. The authors' system (imaml_dev):
+# plain inner steps and one proximal pull-back, the system (1 + 1) I + H / (lam + 10), test-time
+# adaptation with lam 0.
+ARM_FLAGS = {
+    "imaml": ["--algorithm=imaml"],
+    "imaml_authors": [
+        "--algorithm=imaml",
+        "--damping=1.0",
+        "--lam_damping=10.0",
+        "--inner_loop=pull_back",
+        "--test_lam=0.0",
+    ],
+    "imaml_hf": ["--algorithm=imaml_hf"],
+    "maml": ["--algorithm=maml"],
+    "fomaml": ["--algorithm=fomaml"],
+}
 LABELS = {
     "imaml": "iMAML-GD",
+    "imaml_authors": "iMAML-GD, authors' system",
     "imaml_hf": "iMAML-HF",
     "maml": "MAML",
     "fomaml": "first-order MAML",
@@ -52,16 +78,25 @@ class Config:
     runs_dir: str | None = option(
         None, "Where each algorithm's training run goes (default: <output_dir>/runs)."
     )
-    algorithms: tuple[str, ...] = option(("imaml", "maml", "fomaml"), "Algorithms to run.")
+    algorithms: tuple[str, ...] = option(
+        ("imaml", "imaml_authors", "maml", "fomaml"),
+        "Arms to run: " + ", ".join(ALGORITHMS) + ".",
+        tiny=("imaml", "imaml_authors"),
+    )
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2, 3, 4),
+        "Training seeds (initial weights and episodes); every arm is trained once per seed.",
+        tiny=(0, 1),
+    )
     data_dir: str | None = option(None, "mini-ImageNet folder (default: $TF_IMAML_MINI_IMAGENET).")
-    image_size: int = option(84, "Image side after resizing.", lower_bound=8)
-    ways: int = option(5, "Classes per task.", lower_bound=2)
+    image_size: int = option(84, "Image side after resizing.", lower_bound=8, tiny=16)
+    ways: int = option(5, "Classes per task.", lower_bound=2, tiny=3)
     shots: int = option(1, "Support examples per class.", lower_bound=1)
-    queries: int = option(15, "Query examples per class.", lower_bound=1)
-    meta_batch_size: int = option(4, "Tasks per meta-step.", lower_bound=1)
-    meta_steps: int = option(100, "Meta-steps per algorithm.", lower_bound=1)
-    steps_per_epoch: int = option(25, "Meta-steps between validations.", lower_bound=1)
-    inner_steps: int = option(5, "Inner steps (train and test).")
+    queries: int = option(15, "Query examples per class.", lower_bound=1, tiny=2)
+    meta_batch_size: int = option(4, "Tasks per meta-step.", lower_bound=1, tiny=2)
+    meta_steps: int = option(250, "Meta-steps per run.", lower_bound=1, tiny=2)
+    steps_per_epoch: int = option(25, "Meta-steps between validations.", lower_bound=1, tiny=1)
+    inner_steps: int = option(5, "Inner steps (train and test).", tiny=1)
     inner_learning_rate: float = option(0.01, "Inner step size.")
     lam: float = option(0.5, "iMAML proximal strength.")
     cg_steps: int = option(5, "iMAML CG steps.", lower_bound=1)
@@ -69,9 +104,11 @@ class Config:
         "first_order", "iMAML failed-solve policy.", choices=("drop", "first_order", "zero")
     )
     outer_learning_rate: float = option(1e-3, "Adam step size.")
-    val_tasks: int = option(40, "Validation tasks per epoch.", lower_bound=1)
-    test_tasks: int = option(600, "Test tasks.", lower_bound=1)
-    seed: int = option(0, "Seed of weights and episodes (shared by all runs).")
+    val_tasks: int = option(40, "Validation tasks per epoch.", lower_bound=1, tiny=2)
+    test_tasks: int = option(
+        600, "Test tasks (the same for every arm and seed).", lower_bound=2, tiny=4
+    )
+    test_seed: int = option(2, "Seed of the test tasks.")
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -88,16 +125,22 @@ class Config:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.data_dir and not pathlib.Path(self.data_dir).is_dir():
             raise ValueError(f"--data_dir {self.data_dir} is not a folder")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds}")
 
     def runs_path(self) -> pathlib.Path:
         return pathlib.Path(self.runs_dir or pathlib.Path(self.output_dir) / "runs")
 
 
-def train_flags(config: Config, algorithm: str, logdir: pathlib.Path) -> list[str]:
-    """The `scripts/train.py` command-line flags of one algorithm's run."""
+def train_flags(config: Config, algorithm: str, seed: int, logdir: pathlib.Path) -> list[str]:
+    """The `scripts/train.py` command-line flags of one arm's run with training seed `seed`.
+
+    `scripts/train.py` tests on 1 task only: the study tests every model itself, on tasks
+    shared by all seeds (`evaluate`).
+    """
     args = [
         "--dataset=mini_imagenet",
-        f"--algorithm={algorithm}",
+        *ARM_FLAGS[algorithm],
         f"--image_size={config.image_size}",
         f"--ways={config.ways}",
         f"--shots={config.shots}",
@@ -112,8 +155,8 @@ def train_flags(config: Config, algorithm: str, logdir: pathlib.Path) -> list[st
         f"--on_failure={config.on_failure if algorithm.startswith('imaml') else 'drop'}",
         f"--outer_learning_rate={config.outer_learning_rate}",
         f"--val_tasks={config.val_tasks}",
-        f"--test_tasks={config.test_tasks}",
-        f"--seed={config.seed}",
+        "--test_tasks=1",
+        f"--seed={seed}",
         f"--logdir={logdir}",
     ]
     if config.data_dir:
@@ -139,10 +182,49 @@ def _epoch_scalars(folder: pathlib.Path, tag: str) -> list[float]:
     return [float(tf.make_ndarray(e.tensor_proto)) for e in events]
 
 
-def run_one(config: Config, algorithm: str, *, verbose: bool = True) -> dict:
-    """Trains and tests one algorithm (or reads its finished run); returns its record."""
-    logdir = config.runs_path() / algorithm
-    args = train_flags(config, algorithm, logdir)
+def evaluate(config: Config, model_path: pathlib.Path) -> np.ndarray:
+    """Per-task query accuracy of a saved meta-learner, in its own test-time adaptation, on
+    the study's test tasks (`--test_seed`; the same for every arm and seed)."""
+    import fewshot
+    import keras
+
+    import tf_imaml
+
+    meta = keras.models.load_model(model_path)
+    data = tf_imaml.mini_imagenet.load_mini_imagenet("test", path=config.data_dir)
+    episodes = fewshot.episodes(
+        data,
+        ways=config.ways,
+        shots=config.shots,
+        queries=config.queries,
+        batch=min(config.meta_batch_size, 20),
+        seed=config.test_seed,
+        num_tasks=config.test_tasks,
+        dataset="mini_imagenet",
+        image_size=None if config.image_size == 84 else config.image_size,
+    )
+    return tf_imaml.evaluation.few_shot_accuracy(meta, episodes).per_task[: config.test_tasks]
+
+
+def _study_test(config: Config, logdir: pathlib.Path, *, reuse: bool) -> tuple[list, float]:
+    """The per-task accuracies of the run's model (read back when tested on these tasks)."""
+    test_file = logdir / "study_test.json"
+    key = {"test_seed": config.test_seed, "test_tasks": config.test_tasks}
+    if reuse and test_file.is_file():
+        saved = json.loads(test_file.read_text())
+        if saved["key"] == key:
+            return saved["per_task"], saved["seconds"]
+    start = time.time()
+    per_task = evaluate(config, logdir / "model.keras").tolist()
+    seconds = round(time.time() - start, 1)
+    test_file.write_text(json.dumps({"key": key, "per_task": per_task, "seconds": seconds}))
+    return per_task, seconds
+
+
+def run_one(config: Config, algorithm: str, seed: int, *, verbose: bool = True) -> dict:
+    """Trains and tests one arm for one seed (or reads its finished run); returns its record."""
+    logdir = config.runs_path() / algorithm / f"seed{seed}"
+    args = train_flags(config, algorithm, seed, logdir)
     results_file = logdir / "results.json"
     reused = False
     if results_file.is_file():
@@ -157,7 +239,11 @@ def run_one(config: Config, algorithm: str, *, verbose: bool = True) -> dict:
         logdir.mkdir(parents=True, exist_ok=True)
         flags_file.write_text(json.dumps(args))
         if verbose:
-            print(f"[mini_imagenet study] training {algorithm}: scripts/train.py {' '.join(args)}")
+            print(
+                f"[mini_imagenet study] training {algorithm} seed {seed}: "
+                f"scripts/train.py {' '.join(args)}",
+                flush=True,
+            )
         start = time.time()
         proc = subprocess.run(
             [sys.executable, str(TRAIN_SCRIPT), *args],
@@ -171,17 +257,25 @@ def run_one(config: Config, algorithm: str, *, verbose: bool = True) -> dict:
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr else []
             reason = tail[0] if tail else f"exit status {proc.returncode}"
-            record = {"algorithm": algorithm, "error": reason, "wall_seconds": round(seconds, 1)}
-            record |= _curves(logdir)
-            return record
+            record = {
+                "algorithm": algorithm,
+                "seed": seed,
+                "error": reason,
+                "wall_seconds": round(seconds, 1),
+            }
+            return record | _curves(logdir)
         done = json.loads(results_file.read_text())
         done["wall_seconds"] = round(seconds, 1)
         results_file.write_text(json.dumps(done, indent=2))
+    per_task, test_seconds = _study_test(config, logdir, reuse=reused)
     record = {
         "algorithm": algorithm,
-        "test_accuracy": done["test_accuracy"],
-        "test_ci95": done["test_ci95"],
-        "test_tasks": done["test_tasks"],
+        "seed": seed,
+        "test_accuracy": float(np.mean(per_task)),
+        "test_ci95": reporting.mean_ci95(per_task)[1],
+        "test_tasks": len(per_task),
+        "per_task": per_task,
+        "test_seconds": test_seconds,
         "train_seconds": done["train_seconds"],
         "wall_seconds": done.get("wall_seconds"),
         "reused": reused,
@@ -222,77 +316,151 @@ def _curves(logdir: pathlib.Path) -> dict:
     }
 
 
-def write_report(config: Config, records: list[dict]) -> str:
-    """The Markdown table (with the published figures); returns it."""
-    out = pathlib.Path(config.output_dir)
-    rows = []
+def summarize(records: list[dict]) -> tuple[dict, list[dict]]:
+    """Seed-level summaries per arm and paired tests between every two arms.
+
+    Returns `(arms, comparisons)`: `arms[algorithm]` is a `stats.arm_summary` record of its
+    finished seeds; each comparison is `stats.compare_arms` of two arms on the same test tasks
+    and their common seeds (pairs without a common seed are left out).
+    """
+    by_arm = {}
     for r in records:
-        if "error" in r:
-            ours = f"failed: {r['error']}"
-            seconds = r["wall_seconds"]
-        else:
-            ours = f"{100 * r['test_accuracy']:.2f} +- {100 * r['test_ci95']:.2f}%"
-            seconds = r["train_seconds"]
-        failed = r["failed_fraction"]
+        if "per_task" in r:
+            by_arm.setdefault(r["algorithm"], {})[r["seed"]] = r["per_task"]
+    arms = {a: stats.arm_summary(by_seed) for a, by_seed in by_arm.items()}
+    comparisons = []
+    names = list(arms)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            try:
+                comparisons.append({"arm": a, "against": b, **stats.compare_arms(arms[a], arms[b])})
+            except ValueError:
+                continue
+    return arms, comparisons
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """The epoch-by-epoch mean of several runs' curves, over the epochs all of them have."""
+    length = min((len(c) for c in curves), default=0)
+    return [float(np.mean([c[i] for c in curves])) for i in range(length)]
+
+
+def write_report(config: Config, records: list[dict]) -> str:
+    """The Markdown tables (with the published figures) and the JSON; returns the Markdown."""
+    out = pathlib.Path(config.output_dir)
+    arms, comparisons = summarize(records)
+    rows = []
+    for algorithm in config.algorithms:
+        mine = [r for r in records if r["algorithm"] == algorithm]
+        if not mine:
+            continue
+        errors = [f"seed {r['seed']}: {r['error']}" for r in mine if "error" in r]
+        ours = "—"
+        if algorithm in arms:
+            ours = stats.percent(stats.Interval(**arms[algorithm]["seed_interval"])) + "%"
+        if errors:
+            ours += " (failed: " + "; ".join(errors) + ")"
+        failed = _mean_curve([r["failed_fraction"] for r in mine if r["failed_fraction"]])
+        seconds = [r["train_seconds"] for r in mine if "train_seconds" in r]
         rows.append(
             [
-                LABELS[r["algorithm"]],
+                LABELS[algorithm],
+                ", ".join(str(r["seed"]) for r in mine if "per_task" in r),
                 ours,
-                PUBLISHED_1SHOT.get(r["algorithm"], "—") if config.shots == 1 else "—",
-                ", ".join(f"{100 * v:.1f}" for v in r["val_accuracy"]) or "—",
+                PUBLISHED_1SHOT.get(algorithm, "—") if config.shots == 1 else "—",
+                ", ".join(f"{100 * v:.1f}" for v in _mean_curve([r["val_accuracy"] for r in mine]))
+                or "—",
                 ", ".join(f"{100 * v:.0f}" for v in failed) if failed else "—",
                 f"{config.meta_steps} x {config.meta_batch_size}",
-                f"{seconds:.0f}",
+                f"{np.mean(seconds):.0f}" if seconds else "—",
             ]
         )
     headers = [
-        "algorithm",
-        f"test accuracy ({config.test_tasks} tasks)",
+        "arm",
+        "seeds",
+        f"test accuracy ({config.test_tasks} tasks), mean ± 95% t interval over seeds",
         "published (600 tasks, full training)",
-        f"validation accuracy % every {config.steps_per_epoch} steps ({config.val_tasks} tasks)",
-        "failed solves % per epoch",
+        f"validation accuracy % every {config.steps_per_epoch} steps ({config.val_tasks} "
+        "tasks), mean over seeds",
+        "failed solves % per epoch, mean over seeds",
         "meta-steps x tasks",
-        "train s",
+        "train s (mean)",
     ]
+    tests = reporting.markdown_table(
+        [
+            "arm",
+            "against",
+            "seeds",
+            "per task: difference (points)",
+            "t-test p",
+            "sign test p",
+            "wins / losses / ties",
+            "per seed: difference (points)",
+        ],
+        [
+            [
+                LABELS[c["arm"]],
+                LABELS[c["against"]],
+                len(c["seeds"]),
+                stats.percent(stats.PairedResult(**c["per_task"])),
+                c["per_task"]["t_pvalue"],
+                c["per_task"]["sign_pvalue"],
+                f"{c['per_task']['wins']} / {c['per_task']['losses']} / {c['per_task']['ties']}",
+                stats.percent(stats.Interval(**c["per_seed"])),
+            ]
+            for c in comparisons
+        ],
+    )
     text = "\n".join(
         [
             f"mini-ImageNet {config.ways}-way {config.shots}-shot, {config.queries} queries per "
             f"class, {config.image_size}x{config.image_size} RGB, 4-layer conv net (32 filters, "
             f"exact 2x2 max pooling, batch statistics); {config.inner_steps} inner steps of "
             f"{config.inner_learning_rate} in training and at test; iMAML lam = {config.lam}, "
-            f"{config.cg_steps} CG steps, failed solves: `{config.on_failure}`; Adam "
-            f"{config.outer_learning_rate}; seed {config.seed}; {os.cpu_count()} CPU cores.",
+            f"{config.cg_steps} CG steps, failed solves: `{config.on_failure}`; the authors' "
+            "system: plain inner steps and one proximal pull-back, the linear system "
+            "`2I + H/(lam + 10)`, test-time adaptation with lam 0; Adam "
+            f"{config.outer_learning_rate}; training seeds "
+            f"{', '.join(str(s) for s in config.seeds)} (for a seed, every arm starts from the "
+            "same weights and meets the same episodes); every model tested in its own "
+            f"adaptation on the same {config.test_tasks} test tasks (seed {config.test_seed}); "
+            f"{os.cpu_count()} CPU cores.",
             "",
             reporting.markdown_table(headers, rows),
             "",
+            "Paired tests on the same test tasks. Per task: each task's accuracy averaged over "
+            "the common seeds, the difference's mean ± 95% t interval, two-sided t-test and "
+            "exact sign-test p-values; per seed: the t interval of the per-seed mean "
+            "differences.",
+            "",
+            tests,
+            "",
         ]
     )
-    data = {"config": dataclasses.asdict(config), "records": records}
+    data = {
+        "config": dataclasses.asdict(config),
+        "records": records,
+        "arms": arms,
+        "comparisons": comparisons,
+    }
     reporting.write(out, "mini_imagenet", markdown=text, data=data)
     return text
 
 
 def plot(config: Config, records: list[dict]) -> None:
-    """Validation accuracy and failed-solve fraction against meta-steps."""
+    """Validation accuracy and failed-solve fraction against meta-steps, means over seeds."""
     plt = reporting.pyplot()
     fig, (ax_acc, ax_fail) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in records:
-        steps = [config.steps_per_epoch * (i + 1) for i in range(len(r["val_accuracy"]))]
+    for algorithm in config.algorithms:
+        mine = [r for r in records if r["algorithm"] == algorithm]
+        val = _mean_curve([r["val_accuracy"] for r in mine]) if mine else []
+        steps = [config.steps_per_epoch * (i + 1) for i in range(len(val))]
         if steps:
-            ax_acc.plot(
-                steps,
-                [100 * v for v in r["val_accuracy"]],
-                marker="o",
-                label=LABELS[r["algorithm"]],
-            )
-        if r["failed_fraction"] and r["algorithm"].startswith("imaml"):
-            steps = [config.steps_per_epoch * (i + 1) for i in range(len(r["failed_fraction"]))]
-            ax_fail.plot(
-                steps,
-                [100 * v for v in r["failed_fraction"]],
-                marker="o",
-                label=LABELS[r["algorithm"]],
-            )
+            ax_acc.plot(steps, [100 * v for v in val], marker="o", label=LABELS[algorithm])
+        failed = _mean_curve([r["failed_fraction"] for r in mine if r["failed_fraction"]])
+        if failed and algorithm.startswith("imaml"):
+            steps = [config.steps_per_epoch * (i + 1) for i in range(len(failed))]
+            ax_fail.plot(steps, [100 * v for v in failed], marker="o", label=LABELS[algorithm])
     ax_acc.axhline(100 / config.ways, color="gray", linestyle=":", label="chance")
     ax_acc.set(xlabel="meta-steps", ylabel="validation accuracy (%)", title="Validation")
     ax_fail.set(
@@ -306,7 +474,8 @@ def plot(config: Config, records: list[dict]) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(
         f"mini-ImageNet {config.ways}-way {config.shots}-shot, meta-batch "
-        f"{config.meta_batch_size}, {config.inner_steps} inner steps"
+        f"{config.meta_batch_size}, {config.inner_steps} inner steps, "
+        f"mean over {len(config.seeds)} seeds"
     )
     reporting.write(
         pathlib.Path(config.output_dir), "mini_imagenet", figures={"mini_imagenet.png": fig}
@@ -314,15 +483,17 @@ def plot(config: Config, records: list[dict]) -> None:
 
 
 def run(config: Config, *, verbose: bool = True) -> list[dict]:
-    """Runs the study; writes the table, JSON and plot; returns one record per algorithm."""
+    """Runs the study; writes the tables, JSON and plot; returns one record per arm and seed."""
+    harness.check_fields(config)
     config.validate()
     pathlib.Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     records = []
-    for algorithm in config.algorithms:
-        records.append(run_one(config, algorithm, verbose=verbose))
-        # Rewritten after every algorithm, so a long study shows its progress.
-        write_report(config, records)
-        plot(config, records)
+    for seed in config.seeds:
+        for algorithm in config.algorithms:
+            records.append(run_one(config, algorithm, seed, verbose=verbose))
+            # Rewritten after every run, so a long study shows its progress.
+            write_report(config, records)
+            plot(config, records)
     text = write_report(config, records)
     if verbose:
         print(text)
@@ -330,4 +501,4 @@ def run(config: Config, *, verbose: bool = True) -> list[dict]:
 
 
 if __name__ == "__main__":
-    harness.main(Config, run)
+    harness.main(Config, run, tiny=harness.tiny_values(Config))

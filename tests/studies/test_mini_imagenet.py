@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # Slow: runs the study script in subprocesses (meta-training included).
@@ -28,42 +29,61 @@ def _run(*args):
 
 
 def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet, tmp_path):
-    args = [
-        f"--data_dir={tiny_mini_imagenet}",
-        f"--output_dir={tmp_path / 'out'}",
-        "--algorithms=imaml",
-        "--image_size=16",
-        "--ways=3",
-        "--queries=2",
-        "--meta_batch_size=2",
-        "--meta_steps=2",
-        "--steps_per_epoch=1",
-        "--inner_steps=1",
-        "--val_tasks=2",
-        "--test_tasks=4",
-    ]
+    # The --tiny sizes (two arms, iMAML-GD and the authors' system, two seeds, 3-way tasks
+    # of 16x16 images) on the generated data.
+    args = ["--tiny", f"--data_dir={tiny_mini_imagenet}", f"--output_dir={tmp_path / 'out'}"]
     proc = _run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     table = (out / "mini_imagenet.md").read_text()
-    assert "mini-ImageNet 3-way 1-shot" in table and "| iMAML-GD | " in table
-    assert "| 2 x 2 |" in table
-    (record,) = json.loads((out / "mini_imagenet.json").read_text())["records"]
-    assert record["test_tasks"] == 4 and 0.0 <= record["test_accuracy"] <= 1.0
-    # Two epochs: one validation accuracy and one failed fraction per epoch, from TensorBoard.
-    assert len(record["val_accuracy"]) == 2 and len(record["failed_fraction"]) == 2
-    assert record["reused"] is False
+    assert "mini-ImageNet 3-way 1-shot" in table and "| iMAML-GD | 0, 1 | " in table
+    assert "| iMAML-GD, authors' system | 0, 1 | " in table and "| 2 x 2 |" in table
+    assert "| iMAML-GD | iMAML-GD, authors' system | 2 | " in table
+    saved = json.loads((out / "mini_imagenet.json").read_text())
+    records = saved["records"]
+    assert [(r["algorithm"], r["seed"]) for r in records] == [
+        ("imaml", 0),
+        ("imaml_authors", 0),
+        ("imaml", 1),
+        ("imaml_authors", 1),
+    ]
+    for record in records:
+        assert record["test_tasks"] == 4 and len(record["per_task"]) == 4
+        assert record["test_accuracy"] == pytest.approx(sum(record["per_task"]) / 4)
+        # Two epochs: one validation accuracy and one failed fraction per epoch, from TensorBoard.
+        assert len(record["val_accuracy"]) == 2 and len(record["failed_fraction"]) == 2
+        assert record["reused"] is False
     assert (out / "mini_imagenet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    train_config = json.loads((out / "runs" / "imaml" / "results.json").read_text())["config"]
+    run = out / "runs" / "imaml_authors" / "seed1"
+    train_config = json.loads((run / "results.json").read_text())["config"]
     assert train_config["dataset"] == "mini_imagenet" and train_config["lam"] == 0.5
-    recorded = json.loads((out / "runs" / "imaml" / "study_train_flags.json").read_text())
+    assert train_config["seed"] == 1 and train_config["inner_loop"] == "pull_back"
+    assert (train_config["damping"], train_config["lam_damping"]) == (1.0, 10.0)
+    assert train_config["test_lam"] == 0.0
+    recorded = json.loads((run / "study_train_flags.json").read_text())
     assert "--algorithm=imaml" in recorded and "--meta_steps=2" in recorded
 
-    # The same flags again: the finished run is read back, not trained again.
+    # The seed interval and the paired test, recomputed from the per-task numbers with numpy
+    # (t_{0.975,1} = 12.706 from the printed tables).
+    per_seed = [np.mean(r["per_task"]) for r in records if r["algorithm"] == "imaml"]
+    interval = saved["arms"]["imaml"]["seed_interval"]
+    assert interval["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    half = 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2)
+    assert interval["half_width"] == pytest.approx(half, rel=1e-4, abs=1e-12)
+    (paired,) = saved["comparisons"]
+    d = np.mean([r["per_task"] for r in records if r["algorithm"] == "imaml"], axis=0) - np.mean(
+        [r["per_task"] for r in records if r["algorithm"] == "imaml_authors"], axis=0
+    )
+    assert (paired["arm"], paired["against"], paired["seeds"]) == ("imaml", "imaml_authors", [0, 1])
+    assert paired["per_task"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-12)
+    assert paired["per_task"]["wins"] == int(np.sum(d > 0))
+
+    # The same flags again: the finished runs and their tests are read back, not redone.
     proc = _run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (again,) = json.loads((out / "mini_imagenet.json").read_text())["records"]
-    assert again["reused"] is True and again["test_accuracy"] == record["test_accuracy"]
+    again = json.loads((out / "mini_imagenet.json").read_text())["records"]
+    assert all(r["reused"] for r in again)
+    assert [r["per_task"] for r in again] == [r["per_task"] for r in records]
 
 
 def test_bad_flags_fail_before_any_work(tmp_path):
@@ -72,6 +92,8 @@ def test_bad_flags_fail_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
     proc = _run("--meta_steps=10", "--steps_per_epoch=3", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode != 0 and "must be a multiple of --steps_per_epoch" in proc.stderr
+    proc = _run("--seeds=1,1", f"--output_dir={tmp_path / 'o'}")
+    assert proc.returncode != 0 and "--seeds must be distinct" in proc.stderr
 
 
 _RESUMABLE_PROBE = """
