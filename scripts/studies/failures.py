@@ -35,11 +35,13 @@ Writes `<output_dir>/study_failures.{md,json}` and PNG plots.
 Usage:
   python scripts/studies/failures.py --output_dir=docs/studies/failures
   python scripts/studies/failures.py --tiny --output_dir=/tmp/failures  # a smoke run
+  python scripts/studies/failures.py --output_dir=out --merge=a/study_failures.json,b/...
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import NamedTuple
@@ -51,6 +53,8 @@ import numpy as np
 import reporting
 import stats
 import tensorflow as tf
+from absl import app
+from absl import flags
 from harness import option
 
 import tf_imaml
@@ -763,5 +767,95 @@ def run(config: Config) -> dict:
     return summary
 
 
+# Config fields that runs must share to be merged: the same test tasks and adaptations, the
+# same training setting and start.
+_MERGE_FIELDS = (
+    "meta_steps",
+    "steps_per_epoch",
+    "meta_batch_size",
+    "inner_steps",
+    "inner_learning_rate",
+    "cg_steps",
+    "test_tasks",
+    "test_seed",
+    "eval_lams",
+    "reference_run",
+    "train_from",
+    "init_model",
+    "image_size",
+    "filters",
+)
+
+
+def merge(paths: list[str], output_dir: str) -> dict:
+    """Combines several runs' `study_failures.json` (each with its share of the runs or
+    seeds) into one report; the failure map and guard demo are the first file's.
+
+    Raises:
+      ValueError: If the files differ in a field of `_MERGE_FIELDS`, or two hold the same
+        run and seed.
+    """
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    first = parts[0]["config"]
+    for path, part in zip(paths, parts, strict=True):
+        for field in _MERGE_FIELDS:
+            if part["config"].get(field) != first.get(field):
+                raise ValueError(
+                    f"{path} has {field}={part['config'].get(field)!r}, another has "
+                    f"{first.get(field)!r}"
+                )
+    run_rows = [row for part in parts for row in part["runs"]]
+    keys = [(row["run"], row["seed"]) for row in run_rows]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"runs met in more than one file: {twice}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in first.items()}
+    values["cases"] = tuple(Case(**c) for c in first["cases"])
+    values["runs"] = tuple(dict.fromkeys(r for r, _ in keys))
+    values["seeds"] = tuple(sorted({s for _, s in keys}))
+    values["output_dir"] = output_dir
+    values["verbose"] = False
+    config = Config(**values)
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = _report(
+        config,
+        out,
+        parts[0]["failure_map"],
+        run_rows,
+        parts[0]["guard"],
+        parts[0]["theta"],
+        parts[0]["train_from"],
+        time.time(),
+    )
+    summary["merged_from"] = [str(p) for p in paths]
+    reporting.write_json(out / "study_failures.json", summary)
+    return summary
+
+
+def main(argv):
+    """Runs the study, or with `--merge` combines finished runs' JSON files."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.merge:
+        merge(flags.FLAGS.merge, flags.FLAGS.output_dir)
+        return
+    try:
+        config = harness.config_from_flags(Config, tiny=TINY)
+        harness.check_fields(config)
+        config.validate()
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    run(config)
+
+
 if __name__ == "__main__":
-    harness.main(Config, run, tiny=TINY)
+    harness.define_flags(Config, tiny=TINY)
+    flags.DEFINE_list(
+        "merge",
+        [],
+        "Instead of running: combine the study_failures.json of runs with the same setting "
+        "(each with its share of --runs or --seeds, e.g. one process per core) into one report "
+        "in --output_dir.",
+    )
+    app.run(main)

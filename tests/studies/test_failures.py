@@ -77,6 +77,18 @@ def test_tiny_study_detects_divergence_and_writes_its_report(
     assert paired["per_task"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-12)
     assert paired["per_task"]["wins"] == int(np.sum(d > 0)) and paired["seeds"] == [0, 1]
 
+    # Runs split over processes (here: by seed) merge into the same summaries and tests.
+    for seed in (0, 1):
+        part = dict(saved, runs=[r for r in saved["runs"] if r["seed"] == seed])
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(part))
+    parts = [str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json")]
+    merged = study.merge(parts, str(tmp_path / "merged"))
+    assert json.loads(json.dumps(merged["arms"])) == saved["arms"]
+    assert json.loads(json.dumps(merged["comparisons"])) == saved["comparisons"]
+    assert "| fomaml | 2 | " in (tmp_path / "merged" / "study_failures.md").read_text()
+    with pytest.raises(ValueError, match="more than one file"):
+        study.merge([parts[0], parts[0]], str(tmp_path / "twice"))
+
 
 @pytest.mark.parametrize(
     "change, message",
