@@ -53,8 +53,6 @@ import numpy as np
 import reporting
 import stats
 import tensorflow as tf
-from absl import app
-from absl import flags
 from harness import option
 
 import tf_imaml
@@ -620,24 +618,14 @@ def _run_tables(config: Config, run_rows: list[dict], arms: dict, comparisons: l
             "run",
             "against",
             "adaptation",
-            "seeds",
-            "per task: difference (points)",
-            "t-test p",
-            "sign test p",
-            "wins / losses / ties",
-            "per seed: difference (points)",
+            *stats.comparison_headers(),
         ],
         [
             [
                 c["run"],
                 c["reference"],
                 c["adaptation"],
-                len(c["seeds"]),
-                stats.percent(stats.PairedResult(**c["per_task"])),
-                c["per_task"]["t_pvalue"],
-                c["per_task"]["sign_pvalue"],
-                f"{c['per_task']['wins']} / {c['per_task']['losses']} / {c['per_task']['ties']}",
-                stats.percent(stats.Interval(**c["per_seed"])),
+                *stats.comparison_cells(c),
             ]
             for c in comparisons
         ],
@@ -800,15 +788,10 @@ def merge(paths: list[str], output_dir: str) -> dict:
     parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     first = parts[0]["config"]
     for path, part in zip(paths, parts, strict=True):
-        for field in _MERGE_FIELDS:
-            if part["config"].get(field) != first.get(field):
-                raise ValueError(
-                    f"{path} has {field}={part['config'].get(field)!r}, another has "
-                    f"{first.get(field)!r}"
-                )
+        harness.check_same(path, part["config"], first, _MERGE_FIELDS)
     run_rows = [row for part in parts for row in part["runs"]]
     keys = [(row["run"], row["seed"]) for row in run_rows]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    twice = harness.repeated(keys)
     if twice:
         raise ValueError(f"runs met in more than one file: {twice}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in first.items()}
@@ -835,29 +818,13 @@ def merge(paths: list[str], output_dir: str) -> dict:
     return summary
 
 
-def main(argv):
-    """Runs the study, or with `--merge` combines finished runs' JSON files."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.merge:
-        merge(flags.FLAGS.merge, flags.FLAGS.output_dir)
-        return
-    try:
-        config = harness.config_from_flags(Config, tiny=TINY)
-        harness.check_fields(config)
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run(config)
-
-
 if __name__ == "__main__":
-    harness.define_flags(Config, tiny=TINY)
-    flags.DEFINE_list(
-        "merge",
-        [],
-        "Instead of running: combine the study_failures.json of runs with the same setting "
-        "(each with its share of --runs or --seeds, e.g. one process per core) into one report "
-        "in --output_dir.",
+    harness.main(
+        Config,
+        run,
+        tiny=TINY,
+        merge=merge,
+        merge_help="combine the study_failures.json of runs with the same setting (each with "
+        "its share of --runs or --seeds, e.g. one process per core) into one report in "
+        "--output_dir.",
     )
-    app.run(main)

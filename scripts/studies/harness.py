@@ -21,6 +21,7 @@ import dataclasses
 import os
 import pathlib
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -161,22 +162,60 @@ def config_from_flags(config_cls, *, tiny: dict | None = None, flag_values=flags
     return config_cls(**values)
 
 
-def main(config_cls, run: Callable, *, tiny: dict | None = None) -> None:
-    """Defines the flags, parses them, validates the config and calls `run(config)`."""
+def main(
+    config_cls,
+    run: Callable,
+    *,
+    tiny: dict | None = None,
+    merge: Callable | None = None,
+    merge_help: str = "",
+) -> None:
+    """Defines the flags, parses them, validates the config and calls `run(config)`.
+
+    With `merge` (`merge(paths, output_dir)`), a `--merge` flag is defined too (its help:
+    `merge_help`); given, it combines finished runs' JSON files instead of running.
+    """
     define_flags(config_cls, tiny=tiny)
+    if merge is not None:
+        flags.DEFINE_list("merge", [], "Instead of running: " + merge_help)
 
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if merge is not None and flags.FLAGS.merge:
+            try:
+                merge(flags.FLAGS.merge, flags.FLAGS.output_dir)
+            except (ValueError, OSError) as err:
+                raise app.UsageError(f"--merge: {err}") from None
+            print(f"merged {len(flags.FLAGS.merge)} runs into {flags.FLAGS.output_dir}")
+            return
         try:
             config = config_from_flags(config_cls, tiny=tiny)
             check_fields(config)
             config.validate()
         except ValueError as err:
             raise app.UsageError(str(err)) from None
+        start = time.time()
         run(config)
+        print(f"done in {time.time() - start:.0f} s; results in {config.output_dir}")
 
     app.run(_main)
+
+
+def check_same(path, config: dict, reference: dict, fields) -> None:
+    """Raises `ValueError` naming the first of `fields` in which the recorded `config` of the
+    run in `path` differs from `reference` (runs to be merged must agree on them)."""
+    for field in fields:
+        if config.get(field) != reference.get(field):
+            raise ValueError(
+                f"{path} has {field}={config.get(field)!r}, another run has "
+                f"{reference.get(field)!r}"
+            )
+
+
+def repeated(keys: list) -> list:
+    """The keys met more than once, sorted."""
+    return sorted({k for k in keys if keys.count(k) > 1}, key=str)
 
 
 def command(study: str) -> str:

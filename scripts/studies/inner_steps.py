@@ -37,8 +37,6 @@ import keras
 import numpy as np
 import reporting
 import stats
-from absl import app
-from absl import flags
 from harness import option
 
 import tf_imaml
@@ -457,15 +455,9 @@ def merge(paths: list[str], output_dir: str) -> dict:
     first = training_runs[0]["config"]
     for path, r in zip(paths, runs, strict=True):
         shared = _TEST_FIELDS + (_TRAIN_FIELDS if _trains(r["config"]) else ())
-        for field in shared:
-            if r["config"].get(field) != first.get(field):
-                raise ValueError(
-                    f"{path} has {field}={r['config'].get(field)!r}, another run has "
-                    f"{first.get(field)!r}"
-                )
+        harness.check_same(path, r["config"], first, shared)
     models = [m for r in runs for m in r["models"]]
-    seen = [(m["label"], m.get("seed")) for m in models]
-    twice = sorted({s for s in seen if seen.count(s) > 1}, key=str)
+    twice = harness.repeated([(m["label"], m.get("seed")) for m in models])
     if twice:
         raise ValueError(f"models met in more than one run: {twice}")
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -567,11 +559,7 @@ def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[
             c["against"],
             c["differs_in"],
             c["test_steps"],
-            len(c["seeds"]),
-            stats.percent(stats.PairedResult(**c["per_task"])),
-            c["per_task"]["t_pvalue"],
-            c["per_task"]["sign_pvalue"],
-            stats.percent(stats.Interval(**c["per_seed"])),
+            *stats.comparison_cells(c, tally=False),
         ]
         for c in comparisons
         if c["test_steps"] == _shown_test_steps(config, arms[c["arm"]]["train_steps"])
@@ -650,31 +638,10 @@ def _plot(config: Config, arms: dict):
     return fig
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.merge:
-        merge(flags.FLAGS.merge, flags.FLAGS.output_dir)
-        print(f"merged {len(flags.FLAGS.merge)} runs into {flags.FLAGS.output_dir}/{NAME}.md")
-        return
-    try:
-        config = harness.config_from_flags(Config, tiny=TINY)
-        harness.check_fields(config)
-        config.validate()
-    except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    start = time.time()
-    run(config)
-    print(f"done in {time.time() - start:.0f} s; results in {config.output_dir}/{NAME}.md")
-
+MERGE_HELP = (
+    "combine the inner_steps.json of runs with the same test setting (run in parallel, each "
+    "with its share of the arms or seeds) into one table and plot in --output_dir."
+)
 
 if __name__ == "__main__":
-    harness.define_flags(Config, tiny=TINY)
-    flags.DEFINE_list(
-        "merge",
-        [],
-        "Instead of running: combine the inner_steps.json of runs with the same test setting "
-        "(run in parallel, each with its share of the arms or seeds) into one table and plot "
-        "in --output_dir.",
-    )
-    app.run(main)
+    harness.main(Config, run, tiny=TINY, merge=merge, merge_help=MERGE_HELP)

@@ -390,23 +390,13 @@ def write_report(config: Config, records: list[dict]) -> str:
         [
             "arm",
             "against",
-            "seeds",
-            "per task: difference (points)",
-            "t-test p",
-            "sign test p",
-            "wins / losses / ties",
-            "per seed: difference (points)",
+            *stats.comparison_headers(),
         ],
         [
             [
                 LABELS[c["arm"]],
                 LABELS[c["against"]],
-                len(c["seeds"]),
-                stats.percent(stats.PairedResult(**c["per_task"])),
-                c["per_task"]["t_pvalue"],
-                c["per_task"]["sign_pvalue"],
-                f"{c['per_task']['wins']} / {c['per_task']['losses']} / {c['per_task']['ties']}",
-                stats.percent(stats.Interval(**c["per_seed"])),
+                *stats.comparison_cells(c),
             ]
             for c in comparisons
         ],

@@ -148,6 +148,35 @@ def percent(interval: Interval | PairedResult) -> str:
     return f"{100 * mean:.2f} ± {100 * interval.half_width:.2f}"
 
 
+def comparison_headers(*, tally: bool = True) -> list[str]:
+    """The column names of `comparison_cells`."""
+    tallied = ["wins / losses / ties"] if tally else []
+    return [
+        "seeds",
+        "per task: difference (points)",
+        "t-test p",
+        "sign test p",
+        *tallied,
+        "per seed: difference (points)",
+    ]
+
+
+def comparison_cells(comparison: dict, *, tally: bool = True) -> list:
+    """The Markdown cells of one `compare_arms` record: seeds, the per-task difference, its
+    t-test and sign-test p-values, (with `tally`) wins / losses / ties, the per-seed
+    difference."""
+    test = comparison["per_task"]
+    cells = [
+        len(comparison["seeds"]),
+        percent(PairedResult(**test)),
+        test["t_pvalue"],
+        test["sign_pvalue"],
+    ]
+    if tally:
+        cells.append(f"{test['wins']} / {test['losses']} / {test['ties']}")
+    return cells + [percent(Interval(**comparison["per_seed"]))]
+
+
 def arm_summary(per_seed_per_task: dict) -> dict:
     """`{seed: per-task accuracies}` -> the JSON record of one arm.
 
