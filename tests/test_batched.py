@@ -115,29 +115,22 @@ def _episode(rng, input_shape, num_classes=3):
     )
 
 
+IMAML_COMMON = dict(lam=1.0, cg_steps=3, on_failure="first_order")
 ALGORITHMS = {
     "imaml_gd_cg_tf": lambda learner, b: tf_imaml.ImplicitMAML(
         learner, lam=1.0, inner_steps=4, cg_steps=3, task_batching=b, on_failure="first_order"
     ),
     "imaml_adam_cg": lambda learner, b: tf_imaml.ImplicitMAML(
         learner,
-        lam=1.0,
+        **IMAML_COMMON,
         inner_steps=4,
-        cg_steps=3,
         inner_optimizer="adam",
         inner_learning_rate=0.01,
         linear_solver="cg",
         task_batching=b,
-        on_failure="first_order",
     ),
     "imaml_hf": lambda learner, b: tf_imaml.ImplicitMAML(
-        learner,
-        lam=1.0,
-        inner_steps=2,
-        cg_steps=3,
-        inner_optimizer="hessian_free",
-        task_batching=b,
-        on_failure="first_order",
+        learner, **IMAML_COMMON, inner_steps=2, inner_optimizer="hessian_free", task_batching=b
     ),
     "maml": lambda learner, b: tf_imaml.MAML(
         learner, inner_steps=3, inner_learning_rate=0.1, task_batching=b

@@ -182,15 +182,20 @@ class Problem:
         return Problem(self.loss_fn, cut(self.support), cut(self.query), cut(self.meta_params))
 
 
-def ridge_problems(config: Config) -> tuple[dict, np.ndarray]:
-    """The ridge tasks in float32 and float64, and the closed-form target `[T, d]`."""
-    tasks = testing.linear_tasks(
+def ridge_tasks(config: Config) -> testing.RegressionTasks:
+    """The study's seeded ridge tasks (float64)."""
+    return testing.linear_tasks(
         num_tasks=config.ridge_tasks,
         num_support=config.ridge_support,
         num_query=config.ridge_query,
         dim=config.ridge_dim,
         seed=config.seed,
     )
+
+
+def ridge_problems(config: Config) -> tuple[dict, np.ndarray]:
+    """The ridge tasks in float32 and float64, and the closed-form target `[T, d]`."""
+    tasks = ridge_tasks(config)
     rng = np.random.default_rng([config.seed, 1])
     theta = rng.normal(size=(config.ridge_tasks, config.ridge_dim))
     largest = np.linalg.eigvalsh(testing.ridge_hessian(tasks.support_x)).max()

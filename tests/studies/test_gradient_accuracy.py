@@ -76,13 +76,7 @@ def test_float32_runs_carry_float32_rounding(results):
 def test_damped_imaml_at_convergence_is_the_dense_damped_solution(results, study):
     config = study.Config(**RIDGE)
     by_dtype, target = study.ridge_problems(config)
-    tasks = testing.linear_tasks(
-        num_tasks=config.ridge_tasks,
-        num_support=config.ridge_support,
-        num_query=config.ridge_query,
-        dim=config.ridge_dim,
-        seed=config.seed,
-    )
+    tasks = study.ridge_tasks(config)
     # Oracle: np.linalg.solve of the damped system at the exact proximal point, its
     # right-hand side grad L_query(phi*) = (H + lam I) g* / lam recovered from the closed-form
     # target g* (tf_imaml.testing.ridge_meta_gradient).
