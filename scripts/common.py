@@ -77,6 +77,25 @@ def accuracy_axes(*, figsize: tuple[float, float]):
     return plt.subplots(1, 2, figsize=figsize, sharey=True)
 
 
+def plot_validation_curves(
+    curves: list[tuple[str, list[dict]]], path: pathlib.Path, *, seconds_key: str, title: str
+) -> None:
+    """Validation accuracy against meta-steps and against hours (`entry[seconds_key]`), one
+    line per `(label, entries)`, as a PNG; a legend when there is more than one line."""
+    fig, axes = accuracy_axes(figsize=(10, 3.8))
+    for label, entries in curves:
+        accuracy = [100 * e["logs"][MONITOR] for e in entries]
+        axes[0].plot([e["meta_steps"] for e in entries], accuracy, marker=".", label=label)
+        axes[1].plot([e[seconds_key] / 3600 for e in entries], accuracy, marker=".")
+    axes[0].set_xlabel("meta-steps")
+    axes[0].set_ylabel("validation accuracy (%)")
+    if len(curves) > 1:
+        axes[0].legend()
+    axes[1].set_xlabel("training hours (wall clock, validation excluded)")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: pathlib.Path) -> None:
     """Grids every panel, fits the layout, writes the PNG (100 dpi) and frees the figure."""
     from matplotlib import pyplot as plt

@@ -54,22 +54,6 @@ def merge_stages(stages: list[pathlib.Path]) -> list[dict]:
     return merged
 
 
-def plot(merged: list[dict], path: pathlib.Path, *, title: str) -> None:
-    fig, axes = common.accuracy_axes(figsize=(10, 3.8))
-    stages = list(dict.fromkeys(e["stage"] for e in merged))
-    for stage in stages:
-        entries = [e for e in merged if e["stage"] == stage]
-        accuracy = [100 * e["logs"][common.MONITOR] for e in entries]
-        axes[0].plot([e["meta_steps"] for e in entries], accuracy, marker=".", label=stage)
-        axes[1].plot([e["campaign_seconds"] / 3600 for e in entries], accuracy, marker=".")
-    axes[0].set_xlabel("meta-steps")
-    axes[0].set_ylabel("validation accuracy (%)")
-    axes[0].legend()
-    axes[1].set_xlabel("training hours (wall clock, validation excluded)")
-    fig.suptitle(title)
-    common.save_figure(fig, path)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -80,7 +64,13 @@ def main(argv):
     output = pathlib.Path(_OUTPUT.value)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(merged, indent=1))
-    plot(merged, output.with_suffix(".png"), title=_TITLE.value)
+    stages = list(dict.fromkeys(e["stage"] for e in merged))
+    common.plot_validation_curves(
+        [(stage, [e for e in merged if e["stage"] == stage]) for stage in stages],
+        output.with_suffix(".png"),
+        seconds_key="campaign_seconds",
+        title=_TITLE.value,
+    )
     last = merged[-1]
     print(
         f"{len(merged)} validations over {len(set(e['stage'] for e in merged))} stages: "

@@ -527,17 +527,10 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
 def plot_curve(curve_path: pathlib.Path, png_path: pathlib.Path, *, title: str = "") -> None:
     """Validation accuracy against meta-steps and against training hours, as a PNG."""
     entries = common.validation_curve(curve_path)
-    if not entries:
-        return
-    accuracy = [100 * e["logs"][common.MONITOR] for e in entries]
-    fig, axes = common.accuracy_axes(figsize=(10, 3.8))
-    axes[0].plot([e["meta_steps"] for e in entries], accuracy, marker=".")
-    axes[0].set_xlabel("meta-steps")
-    axes[0].set_ylabel("validation accuracy (%)")
-    axes[1].plot([e["train_seconds"] / 3600 for e in entries], accuracy, marker=".")
-    axes[1].set_xlabel("training hours (wall clock, validation excluded)")
-    fig.suptitle(title)
-    common.save_figure(fig, png_path)
+    if entries:
+        common.plot_validation_curves(
+            [("", entries)], png_path, seconds_key="train_seconds", title=title
+        )
 
 
 def main(argv):
