@@ -366,32 +366,6 @@ def _meta_model(config: Config, learner, algorithm: str, options: dict, *, inner
     return fewshot.compile_meta(meta)
 
 
-def _evaluator(learner: keras.Model, config: Config, eval_lam: float):
-    """iMAML's test-time adaptation of `learner`: proximal GD at `eval_lam` (0: plain GD)."""
-    meta = tf_imaml.ImplicitMAML(
-        learner,
-        lam=eval_lam or 1.0,  # the training lam is unused: this model only predicts
-        test_lam=eval_lam,
-        inner_steps=config.inner_steps,
-        inner_learning_rate=config.inner_learning_rate,
-    )
-    return fewshot.compile_meta(meta)
-
-
-def adaptation_names(config: Config) -> list[str]:
-    """`"own"` (each model's own test-time adaptation), then `"lam=<x>"` per `eval_lams`."""
-    return ["own"] + [f"lam={lam:g}" for lam in config.eval_lams]
-
-
-def test_accuracies(meta, learner: keras.Model, config: Config, test) -> dict:
-    """`{adaptation: per-task accuracies}` of one model on the test episodes."""
-    per_task = {"own": tf_imaml.evaluation.few_shot_accuracy(meta, test).per_task}
-    for lam, name in zip(config.eval_lams, adaptation_names(config)[1:], strict=True):
-        evaluator = _evaluator(learner, config, lam)
-        per_task[name] = tf_imaml.evaluation.few_shot_accuracy(evaluator, test).per_task
-    return per_task
-
-
 def train_one(config: Config, name: str, seed: int, init, data: dict) -> dict:
     """Trains run `name` with training seed `seed` from `init` (or from the seed's own
     initial weights when `init` is None); scores it on the shared test tasks."""
@@ -423,9 +397,15 @@ def train_one(config: Config, name: str, seed: int, init, data: dict) -> dict:
         batch=min(20, config.test_tasks),
         num_tasks=config.test_tasks,
     )
-    per_task = test_accuracies(meta, learner, config, test)
+    per_task = fewshot.adapted_accuracies(
+        meta,
+        test,
+        eval_lams=config.eval_lams,
+        inner_steps=config.inner_steps,
+        inner_learning_rate=config.inner_learning_rate,
+    )
     failed = history.get("failed_fraction", [0.0])
-    own = per_task["own"]
+    own = per_task[stats.OWN]
     return {
         "run": name,
         "seed": seed,
@@ -451,28 +431,14 @@ def summarize(config: Config, run_rows: list[dict]) -> tuple[dict, list[dict]]:
     each comparison is `stats.compare_arms` of a run against `config.reference_run` under
     the same adaptation, on the same test tasks and their common seeds.
     """
-    arms = {}
-    for row in run_rows:
-        for adaptation, values in row["per_task"].items():
-            arms.setdefault(row["run"], {}).setdefault(adaptation, {})[row["seed"]] = values
-    arms = {
-        run: {a: stats.arm_summary(by_seed) for a, by_seed in by_adaptation.items()}
-        for run, by_adaptation in arms.items()
-    }
-    comparisons = []
+    arms = stats.adaptation_summaries(run_rows, arm_key="run")
     reference = arms.get(config.reference_run)
-    for run, by_adaptation in arms.items():
-        if reference is None or run == config.reference_run:
-            continue
-        for adaptation, summary in by_adaptation.items():
-            comparisons.append(
-                {
-                    "run": run,
-                    "reference": config.reference_run,
-                    "adaptation": adaptation,
-                    **stats.compare_arms(summary, reference[adaptation]),
-                }
-            )
+    comparisons = [
+        {"run": run, "reference": config.reference_run, **comparison}
+        for run, by_adaptation in arms.items()
+        if reference is not None and run != config.reference_run
+        for comparison in stats.compare_adaptations(by_adaptation, reference)
+    ]
     return arms, comparisons
 
 
@@ -557,7 +523,7 @@ def plot(config: Config, map_rows, run_rows, arms) -> dict:
     if run_rows:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
         names = list(arms)
-        adaptations = adaptation_names(config)
+        adaptations = stats.adaptation_names(config.eval_lams)
         height = 0.8 / len(adaptations)
         for i, adaptation in enumerate(adaptations):
             intervals = [arms[n][adaptation]["seed_interval"] for n in names]
@@ -591,16 +557,13 @@ def plot(config: Config, map_rows, run_rows, arms) -> dict:
 
 def _run_tables(config: Config, run_rows: list[dict], arms: dict, comparisons: list[dict]):
     """The training table (one row per run) and the paired-test table."""
-    adaptations = adaptation_names(config)
+    adaptations = stats.adaptation_names(config.eval_lams)
     rows = []
     for name, by_adaptation in arms.items():
         mine = [r for r in run_rows if r["run"] == name]
         rows.append(
             [name, len(mine)]
-            + [
-                stats.percent(stats.Interval(**by_adaptation[a]["seed_interval"]))
-                for a in adaptations
-            ]
+            + stats.adaptation_cells(by_adaptation, adaptations)
             + [
                 float(np.mean([r["failed_fraction"] for r in mine])),
                 float(np.mean([r["skipped_steps"] for r in mine])),

@@ -3,17 +3,22 @@
 Episodes are seeded N-way K-shot `tf.data` pipelines over Omniglot (rotations by 0, 90, 180
 and 270 degrees as extra classes) or mini-ImageNet (JPEG bytes decoded per episode); the
 learner is `tf_imaml.models.conv4_classifier`; meta-learners are compiled with Adam and the
-from-logits cross-entropy every study trains with.
+from-logits cross-entropy every study trains with. The studies that rank trained models
+score each one under its own test-time adaptation and under identical ones
+(`adapted_accuracies`), so that a difference in adaptation cannot pass for one in training.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import harness  # noqa: F401  (sets TensorFlow's log level and data paths first)
 import keras
 import numpy as np
+import stats
 
 import tf_imaml
 
@@ -130,3 +135,61 @@ def pretrained_weights(path) -> list[np.ndarray]:
 def concat_tasks(parts: list[dict], num_tasks: int) -> dict:
     """Per-task values of several meta-batches joined, cut to `num_tasks` (the last may overrun)."""
     return {k: np.concatenate([p[k].numpy() for p in parts])[:num_tasks] for k in parts[0]}
+
+
+def proximal_evaluator(
+    learner: keras.Model, *, lam: float, inner_steps: int, inner_learning_rate: float
+) -> tf_imaml.ImplicitMAML:
+    """A meta-learner that adapts `learner` by `inner_steps` gradient steps of
+    `inner_learning_rate` from theta on `support loss + lam/2 ||phi - theta||^2` (lam 0: plain
+    GD fine-tuning), whatever the algorithm that trained it; compiled, for prediction only."""
+    meta = tf_imaml.ImplicitMAML(
+        learner,
+        lam=lam or 1.0,  # the training lam is unused: this model only predicts
+        test_lam=lam,
+        inner_steps=inner_steps,
+        inner_learning_rate=inner_learning_rate,
+    )
+    return compile_meta(meta)
+
+
+def adapted_accuracies(
+    meta,
+    test_episodes,
+    *,
+    eval_lams: Sequence[float],
+    inner_steps: int,
+    inner_learning_rate: float,
+    skip: Collection[str] = (),
+) -> dict[str, np.ndarray]:
+    """`{adaptation: per-task query accuracies}` of one trained meta-learner on the same tasks.
+
+    `"own"` is `meta`'s own test-time adaptation; `"lam=<x>"` adapts `meta.learner` by the
+    `proximal_evaluator` at each lam of `eval_lams`, the same for every model scored with the
+    same arguments (names from `stats.adaptation_names`).
+
+    Args:
+      meta: A trained, compiled `tf_imaml.meta_model.MetaLearner`.
+      test_episodes: A finite episode dataset that yields the same tasks on every pass.
+      eval_lams: The lams of the identical adaptations (each >= 0).
+      inner_steps, inner_learning_rate: Their number of steps and step size.
+      skip: Adaptation names left out (e.g. already scored). Default value: `()`.
+
+    Returns:
+      `{name: [num_tasks] accuracies}` for `own` and each `lam=<x>` not in `skip`, in that
+      order (`num_tasks`: every task of `test_episodes`).
+    """
+    per_task = {}
+    for lam, name in zip((None, *eval_lams), stats.adaptation_names(eval_lams), strict=True):
+        if name in skip:
+            continue
+        model = meta
+        if lam is not None:
+            model = proximal_evaluator(
+                meta.learner,
+                lam=lam,
+                inner_steps=inner_steps,
+                inner_learning_rate=inner_learning_rate,
+            )
+        per_task[name] = tf_imaml.evaluation.few_shot_accuracy(model, test_episodes).per_task
+    return per_task

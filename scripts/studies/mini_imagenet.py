@@ -6,10 +6,16 @@ meta-trained by `scripts/train.py` once per training seed (`--seeds`; a fresh pr
 run; for a seed every arm starts from the same initial weights and meets the same episodes)
 with the 4-layer conv net of the MAML papers (32 filters, exact max pooling:
 `tf_imaml.layers.ExactMaxPool2D`, see NOTES_TF.md). The study then scores every trained
-model, in its own test-time adaptation, on the same `--test_tasks` test episodes
-(`--test_seed`, the same for every arm and seed), and reports per arm the mean over seeds
-with its 95% t interval over seeds, and between every two arms paired tests on those tasks
-(`stats.compare_arms`); the per-task accuracies of every model go into the JSON. It reads
+model on the same `--test_tasks` test episodes (`--test_seed`, the same for every arm and
+seed), under its own test-time adaptation (`own`: proximal GD at the training lam for
+iMAML-GD, plain GD for MAML, first-order MAML and the authors' system, truncated Newton for
+iMAML-HF) and under identical adaptations (`--eval_lams`: `lam=<x>` is --inner_steps
+proximal GD steps of --inner_learning_rate from theta at lam x, lam 0 being plain GD
+fine-tuning; `fewshot.adapted_accuracies`), so that a difference in test-time adaptation
+cannot pass for a difference in training. It reports per arm and adaptation the mean over
+seeds with its 95% t interval over seeds, and between every two arms, adaptation by
+adaptation, paired tests on those tasks (`stats.compare_adaptations`); the per-task
+accuracies of every model under every adaptation go into the JSON. It reads
 each run's TensorBoard logs (validation accuracy and the fraction of failed
 implicit-gradient solves per epoch) and writes `mini_imagenet.md`, `mini_imagenet.json` and
 `mini_imagenet.png` (validation accuracy against meta-steps, and the failed fraction) into
@@ -18,9 +24,10 @@ implicit-gradient solves per epoch) and writes `mini_imagenet.md`, `mini_imagene
     python scripts/studies/mini_imagenet.py --output_dir=docs/studies/mini_imagenet
 
 Runs already finished under `--runs_dir` (a `results.json` from the same configuration, and
-the study's test of it) are read instead of trained and tested again, so a long study can be
-run one arm or seed at a time; an interrupted run of the same flags resumes from its last
-checkpoint.
+the study's test of it, `study_test.json`) are read instead of trained and tested again, so a
+long study can be run one arm or seed at a time; only adaptations not yet scored on these test
+tasks are tested (e.g. after adding a lam to `--eval_lams`). An interrupted run of the same
+flags resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 
 import harness
 import numpy as np
@@ -109,6 +117,14 @@ class Config:
         600, "Test tasks (the same for every arm and seed).", lower_bound=2, tiny=4
     )
     test_seed: int = option(2, "Seed of the test tasks.")
+    eval_lams: tuple[float, ...] = option(
+        (0.0, 0.5),
+        "Besides its own test-time adaptation, every trained model is also adapted the same "
+        "way, whatever its training: --inner_steps proximal GD steps of --inner_learning_rate "
+        "from theta at each lam here (0: plain GD fine-tuning of the support loss; 0.5: "
+        "iMAML-GD's own at the default --lam), so that a difference in adaptation cannot pass "
+        "for a difference in training. Scored and compared like the own adaptation.",
+    )
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -127,6 +143,10 @@ class Config:
             raise ValueError(f"--data_dir {self.data_dir} is not a folder")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be distinct and non-empty, got {self.seeds}")
+        if any(not lam >= 0 for lam in self.eval_lams):
+            raise ValueError(f"--eval_lams must be >= 0, got {self.eval_lams}")
+        if len(set(self.eval_lams)) != len(self.eval_lams):
+            raise ValueError(f"--eval_lams must be distinct, got {self.eval_lams}")
 
     def runs_path(self) -> pathlib.Path:
         return pathlib.Path(self.runs_dir or pathlib.Path(self.output_dir) / "runs")
@@ -182,9 +202,13 @@ def _epoch_scalars(folder: pathlib.Path, tag: str) -> list[float]:
     return [float(tf.make_ndarray(e.tensor_proto)) for e in events]
 
 
-def evaluate(config: Config, model_path: pathlib.Path) -> np.ndarray:
-    """Per-task query accuracy of a saved meta-learner, in its own test-time adaptation, on
-    the study's test tasks (`--test_seed`; the same for every arm and seed)."""
+def evaluate(
+    config: Config, model_path: pathlib.Path, *, skip: Collection[str] = ()
+) -> dict[str, np.ndarray]:
+    """`{adaptation: per-task query accuracies}` of a saved meta-learner on the study's test
+    tasks (`--test_seed`; the same for every arm and seed), in its own test-time adaptation
+    (`own`) and in the identical ones of `--eval_lams` (`fewshot.adapted_accuracies`), leaving
+    out the adaptations named in `skip`."""
     import fewshot
     import keras
 
@@ -203,22 +227,41 @@ def evaluate(config: Config, model_path: pathlib.Path) -> np.ndarray:
         dataset="mini_imagenet",
         image_size=None if config.image_size == 84 else config.image_size,
     )
-    return tf_imaml.evaluation.few_shot_accuracy(meta, episodes).per_task[: config.test_tasks]
+    per_task = fewshot.adapted_accuracies(
+        meta,
+        episodes,
+        eval_lams=config.eval_lams,
+        inner_steps=config.inner_steps,
+        inner_learning_rate=config.inner_learning_rate,
+        skip=skip,
+    )
+    return {name: values[: config.test_tasks] for name, values in per_task.items()}
 
 
-def _study_test(config: Config, logdir: pathlib.Path, *, reuse: bool) -> tuple[list, float]:
-    """The per-task accuracies of the run's model (read back when tested on these tasks)."""
+def _study_test(config: Config, logdir: pathlib.Path, *, reuse: bool) -> tuple[dict, float]:
+    """The run's model's per-task accuracies `{adaptation: [test_tasks]}` and the seconds its
+    testing took; adaptations already scored on these tasks are read back (with `reuse`).
+
+    `study_test.json` keeps every adaptation scored so far (a list instead of a dict, as
+    earlier versions wrote: the own adaptation's).
+    """
     test_file = logdir / "study_test.json"
     key = {"test_seed": config.test_seed, "test_tasks": config.test_tasks}
+    saved, seconds = {}, 0.0
     if reuse and test_file.is_file():
-        saved = json.loads(test_file.read_text())
-        if saved["key"] == key:
-            return saved["per_task"], saved["seconds"]
-    start = time.time()
-    per_task = evaluate(config, logdir / "model.keras").tolist()
-    seconds = round(time.time() - start, 1)
-    test_file.write_text(json.dumps({"key": key, "per_task": per_task, "seconds": seconds}))
-    return per_task, seconds
+        done = json.loads(test_file.read_text())
+        if done["key"] == key:
+            saved = done["per_task"]
+            saved = saved if isinstance(saved, dict) else {stats.OWN: saved}
+            seconds = done["seconds"]
+    wanted = stats.adaptation_names(config.eval_lams)
+    if any(name not in saved for name in wanted):
+        start = time.time()
+        new = evaluate(config, logdir / "model.keras", skip=set(saved))
+        saved = saved | {name: values.tolist() for name, values in new.items()}
+        seconds = round(seconds + time.time() - start, 1)
+        test_file.write_text(json.dumps({"key": key, "per_task": saved, "seconds": seconds}))
+    return {name: saved[name] for name in wanted}, seconds
 
 
 def run_one(config: Config, algorithm: str, seed: int, *, verbose: bool = True) -> dict:
@@ -268,12 +311,14 @@ def run_one(config: Config, algorithm: str, seed: int, *, verbose: bool = True) 
         done["wall_seconds"] = round(seconds, 1)
         results_file.write_text(json.dumps(done, indent=2))
     per_task, test_seconds = _study_test(config, logdir, reuse=reused)
+    own = per_task[stats.OWN]
     record = {
         "algorithm": algorithm,
         "seed": seed,
-        "test_accuracy": float(np.mean(per_task)),
-        "test_ci95": reporting.mean_ci95(per_task)[1],
-        "test_tasks": len(per_task),
+        "test_accuracy": float(np.mean(own)),
+        "test_ci95": reporting.mean_ci95(own)[1],
+        "test_tasks": len(own),
+        "accuracy": {name: float(np.mean(v)) for name, v in per_task.items()},
         "per_task": per_task,
         "test_seconds": test_seconds,
         "train_seconds": done["train_seconds"],
@@ -317,25 +362,23 @@ def _curves(logdir: pathlib.Path) -> dict:
 
 
 def summarize(records: list[dict]) -> tuple[dict, list[dict]]:
-    """Seed-level summaries per arm and paired tests between every two arms.
+    """Seed-level summaries per arm and adaptation, and paired tests between every two arms.
 
-    Returns `(arms, comparisons)`: `arms[algorithm]` is a `stats.arm_summary` record of its
-    finished seeds; each comparison is `stats.compare_arms` of two arms on the same test tasks
-    and their common seeds (pairs without a common seed are left out).
+    Returns `(arms, comparisons)`: `arms[algorithm][adaptation]` is a `stats.arm_summary`
+    record of its finished seeds (`stats.adaptation_summaries`); each comparison is
+    `stats.compare_arms` of two arms under the same adaptation (`own`: each in its own), on
+    the same test tasks and their common seeds (pairs without a common seed are left out).
     """
-    by_arm = {}
-    for r in records:
-        if "per_task" in r:
-            by_arm.setdefault(r["algorithm"], {})[r["seed"]] = r["per_task"]
-    arms = {a: stats.arm_summary(by_seed) for a, by_seed in by_arm.items()}
+    arms = stats.adaptation_summaries(records, arm_key="algorithm")
     comparisons = []
     names = list(arms)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             try:
-                comparisons.append({"arm": a, "against": b, **stats.compare_arms(arms[a], arms[b])})
+                tests = stats.compare_adaptations(arms[a], arms[b])
             except ValueError:
                 continue
+            comparisons += [{"arm": a, "against": b, **test} for test in tests]
     return arms, comparisons
 
 
@@ -349,24 +392,23 @@ def write_report(config: Config, records: list[dict]) -> str:
     """The Markdown tables (with the published figures) and the JSON; returns the Markdown."""
     out = pathlib.Path(config.output_dir)
     arms, comparisons = summarize(records)
+    adaptations = stats.adaptation_names(config.eval_lams)
     rows = []
     for algorithm in config.algorithms:
         mine = [r for r in records if r["algorithm"] == algorithm]
         if not mine:
             continue
         errors = [f"seed {r['seed']}: {r['error']}" for r in mine if "error" in r]
-        ours = "—"
-        if algorithm in arms:
-            ours = stats.percent(stats.Interval(**arms[algorithm]["seed_interval"])) + "%"
+        ours = stats.adaptation_cells(arms.get(algorithm, {}), adaptations)
         if errors:
-            ours += " (failed: " + "; ".join(errors) + ")"
+            ours[0] += " (failed: " + "; ".join(errors) + ")"
         failed = _mean_curve([r["failed_fraction"] for r in mine if r["failed_fraction"]])
         seconds = [r["train_seconds"] for r in mine if "train_seconds" in r]
         rows.append(
             [
                 LABELS[algorithm],
                 ", ".join(str(r["seed"]) for r in mine if "per_task" in r),
-                ours,
+                *ours,
                 PUBLISHED_1SHOT.get(algorithm, "—") if config.shots == 1 else "—",
                 ", ".join(f"{100 * v:.1f}" for v in _mean_curve([r["val_accuracy"] for r in mine]))
                 or "—",
@@ -378,7 +420,9 @@ def write_report(config: Config, records: list[dict]) -> str:
     headers = [
         "arm",
         "seeds",
-        f"test accuracy ({config.test_tasks} tasks), mean ± 95% t interval over seeds",
+        f"test accuracy % ({config.test_tasks} tasks), own adaptation, mean ± 95% t "
+        "interval over seeds",
+        *[f"adapted by {a}" for a in adaptations[1:]],
         "published (600 tasks, full training)",
         f"validation accuracy % every {config.steps_per_epoch} steps ({config.val_tasks} "
         "tasks), mean over seeds",
@@ -387,20 +431,13 @@ def write_report(config: Config, records: list[dict]) -> str:
         "train s (mean)",
     ]
     tests = reporting.markdown_table(
+        ["arm", "against", "adaptation", *stats.comparison_headers()],
         [
-            "arm",
-            "against",
-            *stats.comparison_headers(),
-        ],
-        [
-            [
-                LABELS[c["arm"]],
-                LABELS[c["against"]],
-                *stats.comparison_cells(c),
-            ]
+            [LABELS[c["arm"]], LABELS[c["against"]], c["adaptation"], *stats.comparison_cells(c)]
             for c in comparisons
         ],
     )
+    identical = ", ".join(f"{lam:g}" for lam in config.eval_lams)
     text = "\n".join(
         [
             f"mini-ImageNet {config.ways}-way {config.shots}-shot, {config.queries} queries per "
@@ -412,13 +449,24 @@ def write_report(config: Config, records: list[dict]) -> str:
             "`2I + H/(lam + 10)`, test-time adaptation with lam 0; Adam "
             f"{config.outer_learning_rate}; training seeds "
             f"{', '.join(str(s) for s in config.seeds)} (for a seed, every arm starts from the "
-            "same weights and meets the same episodes); every model tested in its own "
-            f"adaptation on the same {config.test_tasks} test tasks (seed {config.test_seed}); "
-            f"{os.cpu_count()} CPU cores.",
+            "same weights and meets the same episodes); every model tested on the same "
+            f"{config.test_tasks} test tasks (seed {config.test_seed}) in its own test-time "
+            "adaptation (`own`: proximal GD at the training lam for iMAML-GD, plain GD for "
+            "MAML, first-order MAML and the authors' system, truncated Newton for iMAML-HF)"
+            + (
+                " and in the same adaptation whatever its training (`lam=<x>`: "
+                f"{config.inner_steps} proximal GD steps of {config.inner_learning_rate} from "
+                f"theta at lam = {identical}; lam 0 is plain GD fine-tuning), so that a "
+                "difference in adaptation cannot pass for a difference in training"
+                if config.eval_lams
+                else ""
+            )
+            + f"; {os.cpu_count()} CPU cores.",
             "",
             reporting.markdown_table(headers, rows),
             "",
-            "Paired tests on the same test tasks. Per task: each task's accuracy averaged over "
+            "Paired tests on the same test tasks, both arms adapted the same way (`own`: each in "
+            "its own adaptation). Per task: each task's accuracy averaged over "
             "the common seeds, the difference's mean ± 95% t interval, two-sided t-test and "
             "exact sign-test p-values; per seed: the t interval of the per-seed mean "
             "differences.",

@@ -12,6 +12,11 @@ seed and evaluates every trained model on the same test tasks. Two questions fol
   `2 P(T_{n-1} > |mean / (s / sqrt(n))|)` and the two-sided exact sign-test p-value
   `min(1, 2 P(Binomial(n_+ + n_-, 1/2) <= min(n_+, n_-)))` (ties dropped).
 
+When every trained model is also scored under identical test-time adaptations (so that a
+difference in adaptation cannot pass for one in training), `adaptation_summaries` gives each
+arm one summary per adaptation and `compare_adaptations` pairs two arms adaptation by
+adaptation.
+
 The t distribution comes from TensorFlow Probability (`tfp.distributions.StudentT`), which
 the project already depends on; it is imported only when a quantile or tail is needed.
 """
@@ -19,9 +24,13 @@ the project already depends on; it is imported only when a quantile or tail is n
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
+
+# The name of a model's own test-time adaptation among `adaptation_names`.
+OWN = "own"
 
 
 class Interval(NamedTuple):
@@ -214,3 +223,59 @@ def compare_arms(a: dict, b: dict) -> dict:
         "per_task": paired_test(rows_a, rows_b)._asdict(),
         "per_seed": t_interval(rows_a.mean(axis=1) - rows_b.mean(axis=1))._asdict(),
     }
+
+
+def adaptation_names(eval_lams: Iterable[float]) -> list[str]:
+    """`"own"` (each model's own test-time adaptation), then `"lam=<x>"` per lam of
+    `eval_lams` (the identical adaptations of `fewshot.adapted_accuracies`)."""
+    return [OWN] + [f"lam={lam:g}" for lam in eval_lams]
+
+
+def adaptation_summaries(records: Iterable[dict], *, arm_key: str) -> dict:
+    """`{arm: {adaptation: arm_summary}}` of trained models scored under several adaptations.
+
+    Args:
+      records: One dict per trained model, with its arm under `arm_key`, its `seed` and its
+        `per_task` accuracies `{adaptation: [num_tasks]}` (e.g. the model's own test-time
+        adaptation and identical ones: `fewshot.adapted_accuracies`). Records without
+        `per_task` (failed runs) are left out.
+      arm_key: The record key that names the arm.
+    """
+    by_arm = {}
+    for record in (r for r in records if "per_task" in r):
+        arm = by_arm.setdefault(record[arm_key], {})
+        for adaptation, values in record["per_task"].items():
+            arm.setdefault(adaptation, {})[record["seed"]] = values
+    return {
+        arm: {a: arm_summary(by_seed) for a, by_seed in by_adaptation.items()}
+        for arm, by_adaptation in by_arm.items()
+    }
+
+
+def compare_adaptations(a: dict, b: dict) -> list[dict]:
+    """`compare_arms` of two arms under each adaptation of `a` that `b` also has.
+
+    Args:
+      a, b: `{adaptation: arm_summary}` records (an arm of `adaptation_summaries`).
+
+    Returns:
+      One `{"adaptation": name, **compare_arms(a[name], b[name])}` per adaptation, in `a`'s
+      order: both arms adapted the same way, so that a difference in adaptation cannot pass
+      for a difference in training (with `own`, each arm in its own adaptation).
+
+    Raises:
+      ValueError: If the two arms share no seed.
+    """
+    return [
+        {"adaptation": name, **compare_arms(summary, b[name])}
+        for name, summary in a.items()
+        if name in b
+    ]
+
+
+def adaptation_cells(by_adaptation: dict, adaptations: Iterable[str]) -> list[str]:
+    """`percent` of an arm's seed interval under each of `adaptations` (a dash when missing)."""
+    return [
+        percent(Interval(**by_adaptation[a]["seed_interval"])) if a in by_adaptation else "—"
+        for a in adaptations
+    ]

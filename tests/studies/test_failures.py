@@ -90,6 +90,35 @@ def test_tiny_study_detects_divergence_and_writes_its_report(
         study.merge([parts[0], parts[0]], str(tmp_path / "twice"))
 
 
+def test_identical_adaptations_are_the_same_proximal_gd_whatever_the_model(study, omniglot_subset):
+    # fewshot.adapted_accuracies, which studies 5 and 7 share: "own" is the model's own
+    # test-time adaptation (here none: MAML with 0 inner steps), "lam=<x>" the same proximal
+    # GD of the given steps for every model, whatever its own.
+    fewshot, tf_imaml = study.fewshot, study.tf_imaml  # the modules the study uses
+    data = fewshot.load_omniglot_splits(14, splits=("test",))["test"]
+    test = fewshot.episodes(data, ways=5, queries=3, batch=4, seed=2, num_tasks=4)
+    learner = fewshot.learner(ways=5, image_size=14, filters=8, seed=0)
+    unadapted = fewshot.compile_meta(tf_imaml.MAML(learner, first_order=True, inner_steps=0))
+    steps = dict(inner_steps=3, inner_learning_rate=0.5)
+    scores = fewshot.adapted_accuracies(unadapted, test, eval_lams=(0.0, 2.0), **steps)
+    assert list(scores) == ["own", "lam=0", "lam=2"]
+    assert all(v.shape == (4,) for v in scores.values())
+    # Oracle for lam 0: plain GD by another code path, MAML's own adaptation of 3 steps of
+    # 0.5; the same predictions on every task.
+    plain_gd = fewshot.compile_meta(tf_imaml.MAML(learner, first_order=True, **steps))
+    expected = tf_imaml.evaluation.few_shot_accuracy(plain_gd, test).per_task
+    np.testing.assert_array_equal(scores["lam=0"], expected)
+    # Not the model's own adaptation (3 steps of 0.5 change the random net's predictions),
+    # and lam reaches the adaptation (lr * lam = 1: from the second step on, phi is pulled
+    # all the way back to theta before each gradient step).
+    assert not np.array_equal(scores["own"], scores["lam=0"])
+    assert not np.array_equal(scores["lam=2"], scores["lam=0"])
+    # `skip` leaves out adaptations already scored.
+    again = fewshot.adapted_accuracies(unadapted, test, eval_lams=(0.0,), skip={"own"}, **steps)
+    assert list(again) == ["lam=0"]
+    np.testing.assert_array_equal(again["lam=0"], scores["lam=0"])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

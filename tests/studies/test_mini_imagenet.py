@@ -15,6 +15,9 @@ pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "scripts" / "studies"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+# The adaptations of every model under the default --eval_lams: its own, then proximal GD at
+# lam 0 (plain GD) and at lam 0.5.
+ADAPTATIONS = ["own", "lam=0", "lam=0.5"]
 
 
 def _run(*args):
@@ -30,7 +33,7 @@ def _run(*args):
 
 def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet, tmp_path):
     # The --tiny sizes (two arms, iMAML-GD and the authors' system, two seeds, 3-way tasks
-    # of 16x16 images) on the generated data.
+    # of 16x16 images, the default --eval_lams 0 and 0.5) on the generated data.
     args = ["--tiny", f"--data_dir={tiny_mini_imagenet}", f"--output_dir={tmp_path / 'out'}"]
     proc = _run(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,7 +41,9 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
     table = (out / "mini_imagenet.md").read_text()
     assert "mini-ImageNet 3-way 1-shot" in table and "| iMAML-GD | 0, 1 | " in table
     assert "| iMAML-GD, authors' system | 0, 1 | " in table and "| 2 x 2 |" in table
-    assert "| iMAML-GD | iMAML-GD, authors' system | 2 | " in table
+    assert "| adapted by lam=0 | adapted by lam=0.5 |" in table
+    for adaptation in ADAPTATIONS:
+        assert f"| iMAML-GD | iMAML-GD, authors' system | {adaptation} | 2 | " in table
     saved = json.loads((out / "mini_imagenet.json").read_text())
     records = saved["records"]
     assert [(r["algorithm"], r["seed"]) for r in records] == [
@@ -48,8 +53,16 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
         ("imaml_authors", 1),
     ]
     for record in records:
-        assert record["test_tasks"] == 4 and len(record["per_task"]) == 4
-        assert record["test_accuracy"] == pytest.approx(sum(record["per_task"]) / 4)
+        # Every model scored on the same 4 tasks in its own adaptation and in each identical one.
+        assert list(record["per_task"]) == ADAPTATIONS and record["test_tasks"] == 4
+        assert all(len(v) == 4 for v in record["per_task"].values())
+        assert record["test_accuracy"] == pytest.approx(sum(record["per_task"]["own"]) / 4)
+        # Oracle: the same adaptation by another code path (the saved model's own against the
+        # study's proximal evaluator) gives the same predictions on every task. iMAML-GD adapts
+        # by proximal GD at its training lam, 0.5; the authors' system at test_lam 0, where
+        # its pull-back is the identity: plain GD.
+        same = "lam=0.5" if record["algorithm"] == "imaml" else "lam=0"
+        assert record["per_task"]["own"] == record["per_task"][same], record["algorithm"]
         # Two epochs: one validation accuracy and one failed fraction per epoch, from TensorBoard.
         assert len(record["val_accuracy"]) == 2 and len(record["failed_fraction"]) == 2
         assert record["reused"] is False
@@ -63,20 +76,26 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
     recorded = json.loads((run / "study_train_flags.json").read_text())
     assert "--algorithm=imaml" in recorded and "--meta_steps=2" in recorded
 
-    # The seed interval and the paired test, recomputed from the per-task numbers with numpy
-    # (t_{0.975,1} = 12.706 from the printed tables).
-    per_seed = [np.mean(r["per_task"]) for r in records if r["algorithm"] == "imaml"]
-    interval = saved["arms"]["imaml"]["seed_interval"]
-    assert interval["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
-    half = 12.706 * np.std(per_seed, ddof=1) / np.sqrt(2)
-    assert interval["half_width"] == pytest.approx(half, rel=1e-4, abs=1e-12)
-    (paired,) = saved["comparisons"]
-    d = np.mean([r["per_task"] for r in records if r["algorithm"] == "imaml"], axis=0) - np.mean(
-        [r["per_task"] for r in records if r["algorithm"] == "imaml_authors"], axis=0
-    )
-    assert (paired["arm"], paired["against"], paired["seeds"]) == ("imaml", "imaml_authors", [0, 1])
-    assert paired["per_task"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-12)
-    assert paired["per_task"]["wins"] == int(np.sum(d > 0))
+    # The seed intervals and the paired tests under every adaptation, recomputed from the
+    # per-task numbers with numpy (t_{0.975,1} = 12.706 from the printed tables).
+    assert {arm: list(saved["arms"][arm]) for arm in saved["arms"]} == {
+        "imaml": ADAPTATIONS,
+        "imaml_authors": ADAPTATIONS,
+    }
+    comparisons = saved["comparisons"]
+    assert [c["adaptation"] for c in comparisons] == ADAPTATIONS
+    for adaptation, paired in zip(ADAPTATIONS, comparisons, strict=True):
+        ours = [r["per_task"][adaptation] for r in records if r["algorithm"] == "imaml"]
+        theirs = [r["per_task"][adaptation] for r in records if r["algorithm"] == "imaml_authors"]
+        interval = saved["arms"]["imaml"][adaptation]["seed_interval"]
+        assert interval["mean"] == pytest.approx(np.mean(np.mean(ours, axis=1)), abs=1e-12)
+        half = 12.706 * np.std(np.mean(ours, axis=1), ddof=1) / np.sqrt(2)
+        assert interval["half_width"] == pytest.approx(half, rel=1e-4, abs=1e-12)
+        d = np.mean(ours, axis=0) - np.mean(theirs, axis=0)
+        assert (paired["arm"], paired["against"]) == ("imaml", "imaml_authors")
+        assert paired["seeds"] == [0, 1]
+        assert paired["per_task"]["mean_difference"] == pytest.approx(d.mean(), abs=1e-12)
+        assert paired["per_task"]["wins"] == int(np.sum(d > 0))
 
     # The same flags again: the finished runs and their tests are read back, not redone.
     proc = _run(*args)
@@ -84,6 +103,32 @@ def test_study_trains_tests_reports_and_reuses_finished_runs(tiny_mini_imagenet,
     again = json.loads((out / "mini_imagenet.json").read_text())["records"]
     assert all(r["reused"] for r in again)
     assert [r["per_task"] for r in again] == [r["per_task"] for r in records]
+    assert [r["test_seconds"] for r in again] == [r["test_seconds"] for r in records]
+
+    # One more eval lam: only that adaptation is tested. A test file as earlier versions wrote
+    # it (the own adaptation's list) is read as the own scores, with made-up numbers that no
+    # test would give, to show that they are read and not tested again.
+    made_up = [1.0, 0.0, 1.0, 0.0]
+    test_file = out / "runs" / "imaml" / "seed0" / "study_test.json"
+    old = json.loads(test_file.read_text())
+    test_file.write_text(json.dumps(dict(old, per_task=made_up)))
+    proc = _run(*args, "--eval_lams=0,0.5,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    more = json.loads((out / "mini_imagenet.json").read_text())["records"]
+    assert all(r["reused"] and list(r["per_task"]) == [*ADAPTATIONS, "lam=2"] for r in more)
+    first = more[0]["per_task"]
+    assert first["own"] == made_up and len(first["lam=2"]) == 4
+    assert (first["lam=0"], first["lam=0.5"]) == (
+        old["per_task"]["lam=0"],
+        old["per_task"]["lam=0.5"],
+    )
+    for before, after in zip(records[1:], more[1:], strict=True):
+        assert {k: after["per_task"][k] for k in ADAPTATIONS} == before["per_task"]
+        assert len(after["per_task"]["lam=2"]) == 4
+    assert (
+        "| adapted by lam=0 | adapted by lam=0.5 | adapted by lam=2 |"
+        in (out / "mini_imagenet.md").read_text()
+    )
 
 
 def test_bad_flags_fail_before_any_work(tmp_path):
@@ -94,6 +139,8 @@ def test_bad_flags_fail_before_any_work(tmp_path):
     assert proc.returncode != 0 and "must be a multiple of --steps_per_epoch" in proc.stderr
     proc = _run("--seeds=1,1", f"--output_dir={tmp_path / 'o'}")
     assert proc.returncode != 0 and "--seeds must be distinct" in proc.stderr
+    proc = _run("--eval_lams=0,-1", f"--output_dir={tmp_path / 'o'}")
+    assert proc.returncode != 0 and "--eval_lams must be >= 0" in proc.stderr
 
 
 _RESUMABLE_PROBE = """

@@ -87,3 +87,36 @@ def test_arm_records_and_their_comparison_recompute_from_the_per_task_numbers(st
     assert compared["per_seed"]["half_width"] == 0.0
     with pytest.raises(ValueError, match="no common seed"):
         study.compare_arms(a, study.arm_summary({5: [1.0, 1.0]}))
+
+
+def test_adaptation_summaries_and_comparisons_pair_arms_adaptation_by_adaptation(study):
+    assert study.adaptation_names((0.0, 0.5)) == ["own", "lam=0", "lam=0.5"]
+    own, lam0 = "own", "lam=0"
+    records = [
+        {"arm": "a", "seed": 0, "per_task": {own: [1.0, 0.0], lam0: [1.0, 1.0]}},
+        {"arm": "a", "seed": 1, "per_task": {own: [0.0, 0.0], lam0: [0.5, 1.0]}},
+        {"arm": "b", "seed": 1, "per_task": {own: [1.0, 1.0], lam0: [0.5, 0.0]}},
+        {"arm": "b", "seed": 2, "error": "diverged"},  # a failed run: no scores, left out
+    ]
+    arms = study.adaptation_summaries(records, arm_key="arm")
+    assert {arm: list(by) for arm, by in arms.items()} == {"a": [own, lam0], "b": [own, lam0]}
+    # Each adaptation is an arm_summary of its own scores: a's seeds 0, 1 under lam 0 have
+    # means 1.0 and 0.75.
+    assert arms["a"][lam0] == study.arm_summary({0: [1.0, 1.0], 1: [0.5, 1.0]})
+    assert arms["a"][lam0]["per_seed_accuracy"] == [1.0, 0.75]
+    # Only seed 1 is common. Own: (0, 0) - (1, 1) = -1 per task; lam 0: (0.5, 1) - (0.5, 0)
+    # = (0, 1), mean 0.5, one win and one tie.
+    compared = study.compare_adaptations(arms["a"], arms["b"])
+    assert [c["adaptation"] for c in compared] == [own, lam0]
+    assert all(c["seeds"] == [1] for c in compared)
+    assert compared[0]["per_task"]["mean_difference"] == pytest.approx(-1.0)
+    assert compared[1]["per_task"]["mean_difference"] == pytest.approx(0.5)
+    assert (compared[1]["per_task"]["wins"], compared[1]["per_task"]["ties"]) == (1, 1)
+    # An adaptation that one arm lacks is not compared, and has a dash in the table.
+    assert [
+        c["adaptation"] for c in study.compare_adaptations(arms["a"], {own: arms["b"][own]})
+    ] == [own]
+    cells = study.adaptation_cells({own: arms["a"][own]}, [own, lam0])
+    assert cells[1] == "—" and cells[0] == study.percent(
+        study.Interval(**arms["a"][own]["seed_interval"])
+    )
