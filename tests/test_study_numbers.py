@@ -38,9 +38,11 @@ figure quoted from them, so those are checked. Study 7's "1.43 to 1.49 times fas
 against `docs/benchmark/onednn/mini_imagenet.json`.
 """
 
+import importlib
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 
@@ -1151,116 +1153,204 @@ def test_study5_lam_sweep():
 
 # --- study 6: iMAML-HF with and without line search ----------------------------------------------
 
-LS = _json("line_search/line_search.json")
-LS_TRAIN = _json("line_search/training.json")
+LS = _json("line_search/step_rules/line_search.json")
+LS_FIRST = _json("line_search/line_search.json")  # the first run: line search and full steps
+LS_FIRST_TRAIN = _json("line_search/training.json")
 
 
-def _traces(line_search, weights=None):
+def _stats():
+    """scripts/studies/stats.py (the studies' paired test), imported as the studies do."""
+    folder = str(ROOT / "scripts" / "studies")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("stats")
+
+
+def _traces(rule, weights=None, data=LS):
     return [
         trace
-        for trace in LS["traces"]
-        if trace["line_search"] == line_search and weights in (None, trace["weights"])
+        for trace in data["traces"]
+        if trace.get("step_rule", "line_search" if trace["line_search"] else "full") == rule
+        and weights in (None, trace["weights"])
     ]
+
+
+def _rise_pct(traces):
+    return [_pct(t["num_rises"] / t["num_steps_total"]) for t in traces]
 
 
 def test_study6_newton_steps():
     text = _section(6)
     config = LS["config"]
-    searched = _traces(True)
+    assert config["step_rules"] == ["line_search", "full", "fixed", "damped"]
+    _check(
+        text,
+        "of {} test tasks, from the shipped model and from random weights, at lam {}, {} and {}",
+        config["tasks"],
+        *config["lams"],
+    )
+    _check(
+        text,
+        "{} truncated Newton steps ({} CG iterations each)",
+        config["newton_steps"],
+        config["cg_steps"],
+    )
+    _check(
+        text,
+        "a fixed step of {} (within the medians\nof the lengths the search accepted in the "
+        "first run); and damped Newton steps, full steps\nalong `(H + (lam + {}) I) d = -grad G`",
+        config["fixed_step"],
+        config["newton_damping"],
+    )
+    first = [float(np.median(t["step_sizes"])) for t in _traces("line_search", data=LS_FIRST)]
+    assert min(first) <= config["fixed_step"] <= max(first)
+    searched = _traces("line_search")
     assert all(t["status_counts"]["taken"] == t["num_steps_total"] for t in searched)
     assert not any(t["num_rises"] for t in searched)  # "G never rose"
     _check(
         text,
-        "all {} Newton steps ({} tasks x {} steps x {} settings) were taken",
+        "all {} Newton steps ({} tasks x {} steps x {} settings) were\n  taken",
         sum(t["num_steps_total"] for t in searched),
         config["tasks"],
         config["newton_steps"],
         len(searched),
     )
     medians = [float(np.median(t["step_sizes"])) for t in searched]
-    _check(text, "Median step\n  lengths {} to {},", min(medians), max(medians))
-    plain = _traces(False)
-    rises = [_pct(t["num_rises"] / t["num_steps_total"]) for t in plain]
-    assert all(t["tasks_with_a_rise"] == config["tasks"] for t in plain)  # "every task"
-    _check(text, "**Without it** {} to {}% of steps raise G", min(rises), max(rises))
-    start = {t["start_objective_median"] for t in _traces(False, "shipped")}
-    final = [t["final_objective_median"] for t in _traces(False, "shipped")]
-    with_search = [_pct(t["query_accuracy"]) for t in _traces(True, "shipped")]
-    without = [_pct(t["query_accuracy"]) for t in _traces(False, "shipped")]
-    (start,) = start
+    _check(text, "Median step lengths\n  {} to {},", min(medians), max(medians))
+    full = _traces("full")
+    assert all(t["tasks_with_a_rise"] == config["tasks"] for t in full)  # "every task"
+    shipped_end = [t["final_objective_median"] for t in _traces("full", "shipped")]
+    (start,) = {t["start_objective_median"] for t in _traces("full", "shipped")}
     _check(
         text,
-        "the median G goes from {} to {} to {} and query accuracy falls from {} to {}% to {}\n"
-        "  to {}%.",
+        "**Full steps** raise G at {} to {}% of steps, and every task has such a step. From the\n"
+        "  shipped model the median G goes from {} to {} to {}.",
+        min(_rise_pct(full)),
+        max(_rise_pct(full)),
         start,
-        min(final),
-        max(final),
-        min(with_search),
-        max(with_search),
-        min(without),
-        max(without),
+        min(shipped_end),
+        max(shipped_end),
+    )
+    fixed, damped = _rise_pct(_traces("fixed")), _rise_pct(_traces("damped"))
+    assert max(damped) in _rise_pct([t for t in _traces("damped") if t["lam"] == 10])
+    _check(
+        text,
+        "**A fixed step of {}** raises G at {} to {}% of steps, **damped steps** at {} to {}% (the\n"
+        "  most at lam = {}).",
+        config["fixed_step"],
+        min(fixed),
+        max(fixed),
+        min(damped),
+        max(damped),
+        10,
+    )
+    (search,) = [t for t in _traces("line_search", "shipped") if t["lam"] == 0.5]
+    (damp,) = [t for t in _traces("damped", "shipped") if t["lam"] == 0.5]
+    _check(
+        text,
+        "From the shipped model at lam = {} the search\n  brings the median G to {} and the "
+        "queries to {}%; damped steps stop at G = {} and\n  score {}%.",
+        0.5,
+        search["final_objective_median"],
+        _pct(search["query_accuracy"]),
+        damp["final_objective_median"],
+        _pct(damp["query_accuracy"]),
     )
     curvature = [t["negative_curvature_solves"] for t in searched]
     _check(
         text,
-        "CG met negative curvature in {} to {} of {} Newton solves even with line search",
+        "CG met negative curvature in {} to {} of {} Newton solves even with the search",
         min(curvature),
         max(curvature),
         config["tasks"] * config["newton_steps"],
-    )
-    _check(
-        _results_row(6),
-        "with it, G never rose in {} Newton steps; without it, {} to {}% of steps raise G",
-        sum(t["num_steps_total"] for t in searched),
-        min(rises),
-        max(rises),
     )
 
 
 def test_study6_training():
     text = _section(6)
-    config = LS_TRAIN["config"]
-    (on,) = [run for run in LS_TRAIN["training"] if run["line_search"]]
-    (off,) = [run for run in LS_TRAIN["training"] if not run["line_search"]]
+    config = LS["config"]
+    runs = {run["step_rule"]: run for run in LS["training"]}
+    assert list(runs) == config["train_step_rules"]
     _check(
         text,
-        "(part 2; `--train_meta_steps={} --test_tasks={}`, command in the study's\n  README): "
-        "iMAML-HF meta-trained from the same random init on the same episodes, {} steps of\n  {} "
-        "tasks, lam = {}, {} Newton steps: **{} ± {}% with the line search, {} ± {}% without**\n"
-        "  ({} test tasks).",
+        "{} steps of {} tasks, lam = {}, {} Newton steps; {} test tasks,",
         config["train_meta_steps"],
-        config["test_tasks"],
-        on["meta_steps"],
         config["meta_batch_size"],
         config["train_lam"],
         config["train_newton_steps"],
-        *_acc(on),
-        *_acc(off),
-        on["test_tasks"],
+        config["test_tasks"],
+    )
+    reference = runs["line_search"]
+    labels = {
+        "line_search": "line search",
+        "damped": f"damped (mu = {config['newton_damping']:g})",
+        "fixed": f"fixed step {config['fixed_step']:g}",
+        "full": "full steps",
+    }
+    paired = {}
+    for rule, run in runs.items():
+        logs = run["final_train_logs"]
+        cells = [*_acc(run)]
+        template = "| " + labels[rule] + " | {} ± {}% | "
+        if rule != "line_search":
+            result = _stats().paired_test(
+                run["test_accuracy_per_task"], reference["test_accuracy_per_task"]
+            )
+            paired[rule] = result
+            template += ("+" if result.mean_difference > 0 else "") + "{} ± {} "
+            cells += [_pct(result.mean_difference), _pct(result.half_width)]
+        template += "| {}% | {} | {} |"
+        cells += [_pct(logs["failed_fraction"]), logs["support_loss"], run["train_seconds"]]
+        assert run["test_tasks"] == config["test_tasks"]
+        _check(text, template, *cells)
+    assert paired["damped"].low < 0 < paired["damped"].high  # "covers 0"
+    assert paired["fixed"].high < 0 and paired["full"].high < 0
+    _check(
+        text,
+        "covers 0) in {} of its time, with fewer failed meta-gradient solves. A fixed step lost\n"
+        "  {} points and full steps {}:",
+        runs["damped"]["train_seconds"] / reference["train_seconds"],
+        -_pct(paired["fixed"].mean_difference),
+        -_pct(paired["full"].mean_difference),
+    )
+    failed = runs["damped"]["final_train_logs"]["failed_fraction"]
+    assert failed < reference["final_train_logs"]["failed_fraction"]
+    assert all(run["final_train_logs"]["failed_fraction"] > 0.5 for run in runs.values())
+    # The first run, line search against full steps.
+    plain = _traces("full", data=LS_FIRST)
+    (on,) = [run for run in LS_FIRST_TRAIN["training"] if run["line_search"]]
+    (off,) = [run for run in LS_FIRST_TRAIN["training"] if not run["line_search"]]
+    _check(
+        text,
+        "The first run ({} tasks, the search and full steps only;",
+        LS_FIRST["config"]["tasks"],
     )
     _check(
         text,
-        "(support loss\n  {} against {}). Most meta-gradient solves failed in both runs ({}% and "
-        "{}%; negative\n  curvature at lam = {}),",
-        off["final_train_logs"]["support_loss"],
-        on["final_train_logs"]["support_loss"],
-        _pct(on["final_train_logs"]["failed_fraction"]),
-        _pct(off["final_train_logs"]["failed_fraction"]),
-        config["train_lam"],
-    )
-    _check(
-        text,
-        "The search\n  made training {} times slower ({} s against {} s).",
-        on["train_seconds"] / off["train_seconds"],
-        on["train_seconds"],
-        off["train_seconds"],
-    )
-    _check(
-        _results_row(6),
-        "meta-trained {} steps, iMAML-HF scores {}% with the search and {}% without",
-        on["meta_steps"],
+        "agrees: {} to {}% of full steps raised\n  G, and training scored {}% with the search "
+        "and {}% without.",
+        min(_rise_pct(plain)),
+        max(_rise_pct(plain)),
         _pct(on["test_accuracy"]),
         _pct(off["test_accuracy"]),
+    )
+    row = _results_row(6)
+    _check(
+        row,
+        "with it, G never rose in {} Newton steps; full steps raise G at {} to {}% of steps, a "
+        "fixed step {} at {} to {}%, damped Newton steps at {} to {}%; meta-trained {} steps, "
+        "iMAML-HF scores {}% with the search, {}% with damped steps (a tie), {}% with the fixed "
+        "step and {}% with full steps |",
+        sum(t["num_steps_total"] for t in _traces("line_search")),
+        min(_rise_pct(_traces("full"))),
+        max(_rise_pct(_traces("full"))),
+        config["fixed_step"],
+        min(_rise_pct(_traces("fixed"))),
+        max(_rise_pct(_traces("fixed"))),
+        min(_rise_pct(_traces("damped"))),
+        max(_rise_pct(_traces("damped"))),
+        config["train_meta_steps"],
+        *[_pct(runs[r]["test_accuracy"]) for r in ("line_search", "damped", "fixed", "full")],
     )
 
 
@@ -1494,7 +1584,6 @@ _SCRIPT_JSON = {
 }
 # Commands that wrote outside docs/: the folder their outputs were copied to.
 _COPIED = {
-    "/work/runs/study_line_search2": "line_search",
     "/work/runs/lam_sweep": "failures/lam_sweep",
 }
 # Run with their JSON left out of the repository (see the module docstring).
