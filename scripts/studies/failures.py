@@ -721,7 +721,8 @@ def run(config: Config) -> dict:
 
 
 # Config fields that runs must share to be merged: the same test tasks and adaptations, the
-# same training setting and start.
+# same training setting and start. Not `reference_run`: the merge recomputes every comparison
+# against the first file's, so a part holding only other runs names one of its own.
 _MERGE_FIELDS = (
     "meta_steps",
     "steps_per_epoch",
@@ -732,7 +733,6 @@ _MERGE_FIELDS = (
     "test_tasks",
     "test_seed",
     "eval_lams",
-    "reference_run",
     "train_from",
     "init_model",
     "image_size",

@@ -88,6 +88,20 @@ def test_tiny_study_detects_divergence_and_writes_its_report(
     assert "| fomaml | 2 | " in (tmp_path / "merged" / "study_failures.md").read_text()
     with pytest.raises(ValueError, match="more than one file"):
         study.merge([parts[0], parts[0]], str(tmp_path / "twice"))
+    # Split by run instead: a part without first-order MAML names its own reference run,
+    # and the merge compares against the first file's.
+    for name, runs in (("fomaml", {"fomaml"}), ("others", {"imaml_authors"})):
+        reference = "fomaml" if name == "fomaml" else "imaml_authors"
+        part = dict(
+            saved,
+            config=dict(saved["config"], reference_run=reference),
+            runs=[r for r in saved["runs"] if r["run"] in runs],
+        )
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    by_run = [str(tmp_path / "fomaml.json"), str(tmp_path / "others.json")]
+    merged = study.merge(by_run, str(tmp_path / "by_run"))
+    assert json.loads(json.dumps(merged["arms"])) == saved["arms"]
+    assert json.loads(json.dumps(merged["comparisons"])) == saved["comparisons"]
 
 
 def test_identical_adaptations_are_the_same_proximal_gd_whatever_the_model(study, omniglot_subset):
