@@ -319,7 +319,9 @@ def run(config: Config, *, verbose: bool = True) -> dict:
                 "train_steps": train_k,
                 "inner_learning_rate": float(meta.inner_learning_rate),
                 "seed": None,
-                "meta_steps": 1000,
+                # The optimizer's step count, saved with the model (not this run's flag).
+                "meta_steps": int(meta.optimizer.iterations.numpy()) if meta.optimizer else None,
+                "test_lam": getattr(meta, "test_lam", None),
                 "train_seconds": None,
                 "seconds_per_meta_step": None,
                 "pretrained": str(config.pretrained),
@@ -330,6 +332,22 @@ def run(config: Config, *, verbose: bool = True) -> dict:
             }
         )
     return _write(config, out, models)
+
+
+def _shipped_note(models: list[dict]) -> str:
+    """The sentence saying where the shipped model's row comes from ('' without one)."""
+    shipped = [m for m in models if m.get("pretrained")]
+    if not shipped:
+        return ""
+    m = shipped[0]
+    steps = f"{m['meta_steps']} meta-steps" if m.get("meta_steps") else "its own meta-steps"
+    lam = f", adapted with its own inner loop at test_lam = {m['test_lam']:g}" if m.get(
+        "test_lam"
+    ) is not None else ""
+    return (
+        f"The shipped model's row is its own training run ({steps}{lam}; "
+        "tf_imaml/pretrained/README.md), not part of this command's training."
+    )
 
 
 def summarize(config: Config, models: list[dict]) -> tuple[dict, list[dict]]:
@@ -569,9 +587,9 @@ def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[
         reporting.markdown_table(headers, rows),
         "\n'failed fraction': share of training tasks whose iMAML linear solve failed "
         "(running mean over the whole run, averaged over seeds; MAML tasks fail only on "
-        "non-finite values). The shipped model's row is its own training run (1000 "
-        "meta-steps, on_failure='drop', tf_imaml/pretrained/README.md), not part of this "
-        "command's training.\n",
+        "non-finite values). "
+        + _shipped_note(models)
+        + "\n",
         "### Best K_test per model\n",
         reporting.markdown_table(
             [

@@ -130,3 +130,21 @@ def test_bad_config_is_refused_before_any_work(study, change, message, tmp_path)
     with pytest.raises(ValueError, match=message):
         study.run(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_model_row_says_which_model_it_is(study, tiny, tmp_path, omniglot_subset):
+    """The shipped model's meta-steps and test-time lam come from the saved model itself."""
+    import keras
+
+    config = tiny(imaml_train_steps=(), maml_train_steps=())
+    results = study.run(config)
+    (model,) = results["models"]
+    saved = keras.models.load_model(config.pretrained)
+    assert model["pretrained"] == config.pretrained
+    assert model["meta_steps"] == int(saved.optimizer.iterations.numpy()) > 1000
+    assert model["test_lam"] == saved.test_lam
+    table = (tmp_path / "inner_steps.md").read_text()
+    assert (
+        f"The shipped model's row is its own training run ({model['meta_steps']} meta-steps, "
+        f"adapted with its own inner loop at test_lam = {saved.test_lam:g}" in table
+    )
