@@ -111,6 +111,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         "accuracy": accuracy.mean,
         "ci95": accuracy.ci95,
         "tasks": accuracy.num_tasks,
+        "non_finite_tasks": accuracy.non_finite,
         "ways": ways,
         "inner_steps": meta.inner_steps,
         "test_lam": getattr(meta, "test_lam", None),
@@ -135,6 +136,12 @@ def main(argv):
         f"{100 * result['ci95']:.2f}% over {result['tasks']} tasks "
         f"({result['inner_steps']} inner steps)"
     )
+    if result["non_finite_tasks"]:
+        print(
+            f"WARNING: the adaptation diverged (non-finite logits) on "
+            f"{result['non_finite_tasks']} of {result['tasks']} tasks; their predictions are "
+            "arbitrary, so the accuracy above is not a score of the model"
+        )
 
 
 if __name__ == "__main__":

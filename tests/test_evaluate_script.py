@@ -26,6 +26,27 @@ def test_shipped_model_is_far_above_chance(tmp_path, run_script):
     result = json.loads(out.read_text())
     # Chance is 20% for 5 ways; a meta-trained model is far above it on unseen characters.
     assert result["accuracy"] > 0.7 and result["tasks"] == 40
+    assert result["non_finite_tasks"] == 0 and "WARNING" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_diverged_adaptation_is_reported(tmp_path, run_script):
+    import keras
+
+    import tf_imaml
+
+    meta = tf_imaml.pretrained.load("omniglot_5way_1shot")
+    diverging = keras.models.clone_model(meta)
+    diverging.set_weights(meta.get_weights())
+    diverging.inner_learning_rate = 1e6  # saved in the model's config
+    diverging.save(tmp_path / "diverging.keras")
+    out = tmp_path / "result.json"
+    proc = run_script(
+        "evaluate.py", f"--model={tmp_path / 'diverging.keras'}", "--tasks=20", f"--output={out}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["non_finite_tasks"] == 20
+    assert "WARNING: the adaptation diverged (non-finite logits) on 20 of 20 tasks" in proc.stdout
 
 
 @pytest.mark.slow

@@ -237,6 +237,8 @@ def sweep_test_steps(meta, episodes, test_steps, *, label: str) -> list[dict]:
                 "accuracy": accuracy.mean,
                 "ci95": accuracy.ci95,
                 "num_tasks": accuracy.num_tasks,
+                # Tasks whose adaptation diverged (non-finite logits): scored as class 0.
+                "non_finite_tasks": accuracy.non_finite,
                 "eval_seconds": round(time.time() - start, 2),
                 "per_task": accuracy.per_task.tolist(),
             }
@@ -341,9 +343,11 @@ def _shipped_note(models: list[dict]) -> str:
         return ""
     m = shipped[0]
     steps = f"{m['meta_steps']} meta-steps" if m.get("meta_steps") else "its own meta-steps"
-    lam = f", adapted with its own inner loop at test_lam = {m['test_lam']:g}" if m.get(
-        "test_lam"
-    ) is not None else ""
+    lam = (
+        f", adapted with its own inner loop at test_lam = {m['test_lam']:g}"
+        if m.get("test_lam") is not None
+        else ""
+    )
     return (
         f"The shipped model's row is its own training run ({steps}{lam}; "
         "tf_imaml/pretrained/README.md), not part of this command's training."
@@ -516,6 +520,13 @@ def _shown_test_steps(config: Config, train_steps: int) -> int:
     return train_steps if train_steps in config.test_steps else max(config.test_steps)
 
 
+def _diverged(models: list[dict], k: str) -> str:
+    """' (diverged on n of N)' if some of `models`' test tasks at `K_test = k` diverged."""
+    rows = [r for m in models for r in m["rows"] if str(r["test_steps"]) == k]
+    bad = sum(r.get("non_finite_tasks", 0) for r in rows)
+    return f" (diverged on {bad} of {sum(r['num_tasks'] for r in rows)})" if bad else ""
+
+
 def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[dict]) -> str:
     rates = (
         ", ".join(f"{lr:g}" for lr in config.inner_learning_rates) + " (every algorithm at each)"
@@ -555,7 +566,7 @@ def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[
                 float(np.mean(failed)) if failed else None,
             ]
             + [
-                _pct(arm["test"][k]) if k in arm["test"] else None
+                _pct(arm["test"][k]) + _diverged(mine, k) if k in arm["test"] else None
                 for k in map(str, config.test_steps)
             ]
         )
@@ -566,7 +577,7 @@ def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[
             [
                 label,
                 f"{100 * unadapted:.1f}",
-                _pct(at_train) if at_train else None,
+                _pct(at_train) + _diverged(mine, str(arm["train_steps"])) if at_train else None,
                 best,
                 _pct(arm["test"][best]),
             ]
@@ -587,9 +598,10 @@ def _markdown(config: Config, models: list[dict], arms: dict, comparisons: list[
         reporting.markdown_table(headers, rows),
         "\n'failed fraction': share of training tasks whose iMAML linear solve failed "
         "(running mean over the whole run, averaged over seeds; MAML tasks fail only on "
-        "non-finite values). "
-        + _shipped_note(models)
-        + "\n",
+        "non-finite values). 'diverged on n of N': test tasks (over all seeds) whose "
+        "adaptation gave non-finite logits; their predictions are arbitrary (argmax of NaN is "
+        "class 0, which balanced query classes score as chance), so such a cell is not a score "
+        "of the model. " + _shipped_note(models) + "\n",
         "### Best K_test per model\n",
         reporting.markdown_table(
             [

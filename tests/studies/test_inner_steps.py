@@ -148,3 +148,13 @@ def test_shipped_model_row_says_which_model_it_is(study, tiny, tmp_path, omniglo
         f"The shipped model's row is its own training run ({model['meta_steps']} meta-steps, "
         f"adapted with its own inner loop at test_lam = {saved.test_lam:g}" in table
     )
+
+
+def test_diverged_cells_are_marked(study):
+    """A K_test whose adaptations gave non-finite logits is flagged, summed over seeds."""
+    rows = lambda bad: [{"test_steps": 16, "num_tasks": 200, "non_finite_tasks": bad}]  # noqa: E731
+    models = [{"rows": rows(0)}, {"rows": rows(200)}, {"rows": rows(3)}]
+    assert study._diverged(models, "16") == " (diverged on 203 of 600)"
+    assert study._diverged(models[:1], "16") == ""
+    # Runs recorded before the count existed are not marked.
+    assert study._diverged([{"rows": [{"test_steps": 16, "num_tasks": 200}]}], "16") == ""
