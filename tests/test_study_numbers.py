@@ -32,7 +32,8 @@ Figures whose source is not committed, so not checked against a JSON:
   logs (training started 03:31, the last run ended 04:48), not from a JSON.
 - The page's introduction (load average 10 to 22, up to ten other processes): machine state.
 
-Study 3's merge inputs and study 4's mini-ImageNet model are not committed either, but the
+Study 3's second run commits its merge inputs (`inner_steps/step_sizes/parts/`). The first
+run's merge inputs and study 4's mini-ImageNet model are not committed, but the
 merged `inner_steps.json` and `assumptions/mini_imagenet/study_assumptions.json` hold every
 figure quoted from them, so those are checked. Study 7's "1.43 to 1.49 times faster" is checked
 against `docs/benchmark/onednn/mini_imagenet.json`.
@@ -673,112 +674,228 @@ def test_short_answer_settings():
 
 # --- study 3: inner steps in training and at test time -----------------------------------------
 
+# The first run: one seed, 40 meta-steps, iMAML at step 0.1 against MAML at 0.4.
 IS = _json("inner_steps/inner_steps.json")
 IS_MODELS = {model["label"]: model for model in IS["models"]}
+# The run that controls the step size: 5 seeds, both algorithms at both steps, and the
+# shipped model's sweep; merged from the committed per-seed parts.
+IS5 = _json("inner_steps/step_sizes/inner_steps.json")
+IS5_ARMS = IS5["arms"]
+IS5_SHIPPED = next(m for m in IS5["models"] if m.get("pretrained"))
 
 
 def _accuracy(label, k_test):
+    """The first run's accuracy of one model at one K_test, in %."""
     (row,) = [row for row in IS_MODELS[label]["rows"] if row["test_steps"] == k_test]
     return _pct(row["accuracy"])
 
 
-def test_study3_table():
+def _is5_arm(algorithm, k_train, step):
+    return f"{algorithm} K_train={k_train} lr={step:g}"
+
+
+def _seed_mean(label, k_test):
+    """Mean over seeds of the arm's accuracy at K_test, in %; and the t half-width."""
+    interval = IS5_ARMS[label]["test"][str(k_test)]["seed_interval"]
+    return _pct(interval["mean"]), _pct(interval["half_width"])
+
+
+def _failed(label):
+    values = [
+        m["final_train_logs"]["failed_fraction"] for m in IS5["models"] if m["label"] == label
+    ]
+    return float(np.mean(values))
+
+
+def _is5_paired(arm, against, k_test):
+    """The paired test of two arms at K_test, recomputed from the per-task accuracies."""
+    a, b = IS5_ARMS[arm]["test"][str(k_test)], IS5_ARMS[against]["test"][str(k_test)]
+    assert a["seeds"] == b["seeds"]
+    per_task = _stats().paired_test(a["per_task"], b["per_task"])
+    per_seed = _stats().seed_interval(np.subtract(a["per_seed_accuracy"], b["per_seed_accuracy"]))
+    return per_task, per_seed
+
+
+def _is5_paired_cells(arm, against, k_test):
+    per_task, per_seed = _is5_paired(arm, against, k_test)
+    return (
+        _pct(per_task.mean_difference),
+        _pct(per_task.half_width),
+        _pct(per_seed.mean),
+        _pct(per_seed.half_width),
+    )
+
+
+def test_study3_setting_and_table():
     text = _section(3)
-    config = IS["config"]
+    config = IS5["config"]
+    assert config["inner_learning_rates"] == [0.1, 0.4]
+    seeds = config["seeds"]
+    assert len(seeds) >= 5 and all(
+        len(a["test"]["5"]["seeds"]) == len(seeds)
+        for a in [IS5_ARMS[label] for label in IS5_ARMS if not IS5_ARMS[label]["pretrained"]]
+    )
     _check(
         text,
-        "Omniglot 5-way 1-shot, {} meta-steps of {} tasks per model (short), {} test tasks:",
+        "Omniglot 5-way 1-shot, {} meta-steps of {} tasks per model, {} seeds per arm, both "
+        "algorithms at both inner step sizes ({}, the iMAML paper's; {}, the MAML paper's), {} "
+        "test tasks",
         config["meta_steps"],
         config["meta_batch_size"],
+        len(seeds),
+        0.1,
+        0.4,
         config["test_tasks"],
     )
     header = _find(text, "| model | failed fraction | K_test = {} | {} | {} | {} | {} | {} |")
     assert [int(k) for k in header] == config["test_steps"]
-    cells = " | ".join(["{}"] * len(header))
-    rows = {
-        "iMAML-GD, K_train = 1": "iMAML-GD K_train=1",
-        "iMAML-GD, K_train = 5": "iMAML-GD K_train=5",
-        "iMAML-GD, K_train = 16": "iMAML-GD K_train=16",
-        "MAML, K_train = 1": "MAML K_train=1",
-        "MAML, K_train = 5": "MAML K_train=5",
-    }
-    for name, label in rows.items():
-        model = IS_MODELS[label]
-        _check(
-            text,
-            f"| {name} | {{}} | {cells} |",
-            model["final_train_logs"]["failed_fraction"],
-            *[_accuracy(label, k) for k in config["test_steps"]],
-        )
-    shipped = "shipped iMAML-GD K_train=16"
+    cells = " | ".join(["{} ± {}"] * len(header))
+    for algorithm, k_trains in (("iMAML-GD", (5, 16)), ("MAML", (1, 5))):
+        for k_train in k_trains:
+            for step in (0.1, 0.4):
+                label = _is5_arm(algorithm, k_train, step)
+                values = [v for k in config["test_steps"] for v in _seed_mean(label, k)]
+                _check(
+                    text,
+                    f"| {algorithm}, K_train = {k_train}, step {step:g} | {{}} | {cells} |",
+                    _failed(label),
+                    *values,
+                )
+    shipped = [_pct(row["accuracy"]) for row in IS5_SHIPPED["rows"]]
     _check(
         text,
-        f"| shipped iMAML model ({{}} steps) | — | {cells} |",
-        IS_MODELS[shipped]["meta_steps"],
-        *[_accuracy(shipped, k) for k in config["test_steps"]],
+        "| shipped model ({} meta-steps, the authors' system, test lam {}) | — | "
+        + " | ".join(["{}"] * len(header))
+        + " |",
+        IS5_SHIPPED["meta_steps"],
+        IS5_SHIPPED["test_lam"],
+        *shipped,
     )
 
 
 def test_study3_findings():
     text = _section(3)
-    failed = IS_MODELS["iMAML-GD K_train=1"]["final_train_logs"]["failed_fraction"]
-    _check(
-        text, "iMAML **loses at K_train = {}**: {}% of its training solves failed", 1, _pct(failed)
-    )
-    quoted = [
-        int(x)
-        for x in _find(
-            text,
-            "iMAML at K_train = {} and {} beats MAML at K_train = {} and {} at every K_test >= {} "
-            "after the same {} meta-steps;",
-        )
-    ]
-    imamls, mamls, k_min, meta_steps = quoted[:2], quoted[2:4], quoted[4], quoted[5]
-    assert meta_steps == IS["config"]["meta_steps"]
-    k_tests = [k for k in IS["config"]["test_steps"] if k >= k_min]
-    assert k_tests == [k for k in IS["config"]["test_steps"] if k > 0]  # K_test = 0 is chance
-    for k in k_tests:
-        imaml = min(_accuracy(f"iMAML-GD K_train={n}", k) for n in imamls)
-        maml = max(_accuracy(f"MAML K_train={n}", k) for n in mamls)
-        assert imaml > maml, k
-    k_from, low, high, k_to = _find(
-        text, "one-step MAML keeps gaining from K_test = {} on ({}% to {}% at {})."
-    )
-    gains = [_accuracy("MAML K_train=1", k) for k in k_tests if k >= int(k_from)]
-    assert gains == sorted(gains) and _accuracy("MAML K_train=1", 1) > gains[0]
-    assert _agrees(low, gains[0]) and _agrees(high, gains[-1]) and int(k_to) == k_tests[-1]
+    imaml5, maml5 = _is5_arm("iMAML-GD", 5, 0.1), _is5_arm("MAML", 5, 0.1)
     _check(
         text,
-        "MAML at K_train = {} (second order through {} steps) is weak even at its own K: {}% at "
-        "K_test = {}, against {}% for iMAML at K_train = {} and {}% for MAML at K_train = {}.",
-        IS_MODELS["MAML K_train=5"]["train_steps"],
-        IS_MODELS["MAML K_train=5"]["train_steps"],
-        _accuracy("MAML K_train=5", 5),
-        5,
-        _accuracy("iMAML-GD K_train=5", 5),
-        5,
-        _accuracy("MAML K_train=1", 5),
-        1,
+        "At step 0.1, MAML with K_train = 5 scores {}% at K_test = 5 and iMAML-GD with K_train "
+        "= 5 {}% (paired over the 200 tasks, each averaged over the seeds: {} ± {} points; "
+        "over seeds: {} ± {})",
+        _seed_mean(maml5, 5)[0],
+        _seed_mean(imaml5, 5)[0],
+        *_is5_paired_cells(imaml5, maml5, 5),
     )
-    shipped = "shipped iMAML-GD K_train=16"
-    best = max(IS["config"]["test_steps"], key=lambda k: _accuracy(shipped, k))
+    maml1, imaml16 = _is5_arm("MAML", 1, 0.1), _is5_arm("iMAML-GD", 16, 0.1)
+    best16 = max(IS5["config"]["test_steps"], key=lambda k: _seed_mean(imaml16, k)[0])
     _check(
         text,
-        "The shipped model peaks at its own K ({}% at {}); {} test steps do not help.",
-        _accuracy(shipped, best),
-        IS_MODELS[shipped]["train_steps"],
+        "One-step MAML at 0.1 is ahead of both iMAML-GD arms at every K_test >= 1 ({}% at K_test "
+        "= 1, {}% at {}; iMAML-GD with K_train = 16 at its best K_test: {}% at {})",
+        _seed_mean(maml1, 1)[0],
+        _seed_mean(maml1, 50)[0],
         50,
+        _seed_mean(imaml16, best16)[0],
+        best16,
     )
-    assert best == IS_MODELS[shipped]["train_steps"]
+    for k in IS5["config"]["test_steps"][1:]:
+        best_imaml = max(_seed_mean(_is5_arm("iMAML-GD", n, 0.1), k)[0] for n in (5, 16))
+        assert _seed_mean(maml1, k)[0] > best_imaml, k
+    # Test steps past K_train: MAML gains, iMAML-GD peaks at 5 and loses 2 to 3 points by 16.
+    _check(
+        text,
+        "MAML keeps gaining a little (K_train = 5: {}% at K_test = 5, {}% at 50; K_train = 1: "
+        "{}% at 1, {}% at 50)",
+        _seed_mean(maml5, 5)[0],
+        _seed_mean(maml5, 50)[0],
+        _seed_mean(maml1, 1)[0],
+        _seed_mean(maml1, 50)[0],
+    )
+    for n in (5, 16):
+        means = {
+            k: _seed_mean(_is5_arm("iMAML-GD", n, 0.1), k)[0] for k in IS5["config"]["test_steps"]
+        }
+        assert max(means, key=means.get) == 5, n
+        assert 2 <= means[5] - means[16] <= 3, (n, means)
+    # The first run's pairing, iMAML at 0.1 against MAML at 0.4, here.
+    maml5_04 = _is5_arm("MAML", 5, 0.4)
+    _check(
+        text,
+        "iMAML-GD at 0.1 against MAML at 0.4, K_train = 5, gives {}% against {}% at K_test = 5 "
+        "({} ± {} points)",
+        _seed_mean(imaml5, 5)[0],
+        _seed_mean(maml5_04, 5)[0],
+        *_is5_paired_cells(imaml5, maml5_04, 5)[:2],
+    )
+    # The first run: iMAML at K_train 5 and 16 ahead of MAML at K_train 1 and 5 at K_test >= 1.
+    for k in IS["config"]["test_steps"][1:]:
+        imaml = min(_accuracy(f"iMAML-GD K_train={n}", k) for n in (5, 16))
+        assert imaml > max(_accuracy(f"MAML K_train={n}", k) for n in (1, 5)), k
+    assert IS["config"]["meta_steps"] == int(_find(text, "(one seed, {} meta-steps")[0])
+    # Step 0.4 against 0.1, every arm at K_test = K_train.
+    gaps = [
+        _is5_paired(_is5_arm(a, n, 0.1), _is5_arm(a, n, 0.4), n)[0].mean_difference
+        for a, ns in (("iMAML-GD", (5, 16)), ("MAML", (1, 5)))
+        for n in ns
+    ]
+    _check(
+        text,
+        "every arm is better at step 0.1 than at 0.4 at K_test = K_train, by {} to {} points",
+        _pct(min(gaps)),
+        _pct(max(gaps)),
+    )
+    imaml5_04, imaml16_04 = _is5_arm("iMAML-GD", 5, 0.4), _is5_arm("iMAML-GD", 16, 0.4)
+    _check(
+        text,
+        "iMAML-GD failed {}% (K_train = 5) and {}% (K_train = 16) of its training solves at "
+        "step 0.4, against {}% and {}% at 0.1",
+        _pct(_failed(imaml5_04)),
+        _pct(_failed(imaml16_04)),
+        _pct(_failed(imaml5)),
+        _pct(_failed(imaml16)),
+    )
+    # The oscillation: at even K_test, exactly 20% on (nearly) every task of every seed.
+    even, odd = [2, 16, 50], [1, 5]
+    exact = [
+        np.mean(np.abs(np.asarray(IS5_ARMS[imaml5_04]["test"][str(k)]["per_task"]) - 0.2) < 1e-9)
+        for k in even
+    ]
+    at_least, *odd_quoted = _find(
+        text,
+        "at K_test = 2, 16 and 50 it scores exactly 20% on at least {}% of the task-seed pairs "
+        "(one class for every query), at K_test = 1 and 5 {}% and {}%",
+    )
+    assert float(at_least) <= _pct(min(exact)) < float(at_least) + 1, (at_least, exact)
+    for quoted, k in zip(odd_quoted, odd, strict=True):
+        assert _agrees(quoted, _seed_mean(imaml5_04, k)[0]), (quoted, k)
+    assert all(r["non_finite_tasks"] == 0 for m in IS5["models"] for r in m["rows"])
+    assert [k for k in IS5["config"]["test_steps"] if k and k not in odd] == even
+    rows = {row["test_steps"]: _pct(row["accuracy"]) for row in IS5_SHIPPED["rows"]}
+    _check(
+        text,
+        "The shipped model scores {}% after one test step and {}% after {} (its training K)",
+        rows[1],
+        rows[16],
+        16,
+    )
     _check(
         _results_row(3),
-        "after {} meta-steps iMAML at K_train 5 or 16 beats MAML at K_train 1 and 5 ({}% vs {}% "
-        "at {} steps each); iMAML at K_train 1 collapses ({}% failed solves)",
-        IS["config"]["meta_steps"],
-        _accuracy("iMAML-GD K_train=5", 5),
-        _accuracy("MAML K_train=5", 5),
-        5,
-        _pct(failed),
+        "{} meta-steps, {} seeds, both step sizes: at step 0.1 MAML with K_train 5 beats iMAML-GD "
+        "with K_train 5 ({}% vs {}% at 5 steps; paired {} ± {} points)",
+        IS5["config"]["meta_steps"],
+        len(IS5["config"]["seeds"]),
+        _seed_mean(maml5, 5)[0],
+        _seed_mean(imaml5, 5)[0],
+        *_is5_paired_cells(imaml5, maml5, 5)[:2],
+    )
+    _check(
+        _results_row(3),
+        "one-step MAML beats both iMAML-GD arms at every K_test >= {}; the first run's iMAML lead "
+        "came from training MAML at step {}; at {} iMAML-GD's solves fail ({} to {}%)",
+        1,
+        0.4,
+        0.4,
+        _pct(_failed(imaml5_04)),
+        _pct(_failed(imaml16_04)),
     )
 
 
