@@ -49,6 +49,7 @@ import tf_imaml  # noqa: E402
 
 ALGORITHMS = ("imaml", "imaml_hf", "maml", "fomaml", "reptile")
 
+FLAGS = flags.FLAGS
 flags.DEFINE_enum("algorithm", "imaml", ALGORITHMS, "Meta-learning algorithm.")
 DATASETS = ("omniglot", "mini_imagenet")
 flags.DEFINE_enum("dataset", "omniglot", DATASETS, "Benchmark.")
@@ -117,7 +118,11 @@ flags.DEFINE_integer("val_tasks", 100, "Validation tasks per epoch.", lower_boun
 flags.DEFINE_integer("test_tasks", 600, "Test tasks at the end.", lower_bound=1)
 flags.DEFINE_string("logdir", "runs/omniglot", "Logs, checkpoints and results.")
 flags.DEFINE_string(
-    "init_model", None, "A saved .keras model to continue (its algorithm and settings win)."
+    "init_model",
+    None,
+    "A saved .keras model to continue. Its algorithm and settings hold; of the meta-learner's "
+    "flags, --inner_steps, --inner_learning_rate and --test_lam given on the command line are "
+    "applied, and any other that differs from the model's value is an error.",
 )
 flags.DEFINE_float(
     "init_learning_rate",
@@ -251,6 +256,90 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
     if config.algorithm in ("maml", "fomaml"):
         return tf_imaml.MAML(learner, first_order=config.algorithm == "fomaml", **common)
     return tf_imaml.Reptile(learner, **common)
+
+
+# Flags that define the meta-learner. With --init_model the saved model's values hold; a flag
+# given on the command line is applied if the model can change it after training
+# (`ADJUSTABLE_FLAGS`), and otherwise refused when it differs from the model's value, instead
+# of being silently ignored.
+ADJUSTABLE_FLAGS = ("inner_steps", "inner_learning_rate", "test_lam")
+MODEL_FLAGS = ADJUSTABLE_FLAGS + (
+    "algorithm",
+    "lam",
+    "cg_steps",
+    "damping",
+    "lam_damping",
+    "inner_loop",
+    "on_failure",
+    "curvature_iterations",
+)
+
+
+def model_settings(meta: tf_imaml.meta_model.MetaLearner) -> dict:
+    """A saved meta-learner's values of the `MODEL_FLAGS` it has, read from its config."""
+    cfg = meta.get_config()
+    if isinstance(meta, tf_imaml.ImplicitMAML):
+        solver = cfg["linear_solver"]["config"]
+        hessian_free = cfg["inner_solver"]["type"] == "HessianFree"
+        settings = {
+            "algorithm": "imaml_hf" if hessian_free else "imaml",
+            "lam": cfg["lam"],
+            "cg_steps": solver.get("steps"),
+            "damping": solver.get("damping"),
+            "lam_damping": solver.get("lam_damping"),
+            "inner_loop": cfg["inner_solver"]["config"].get("loop"),
+            "test_lam": cfg["test_lam"],
+            "curvature_iterations": cfg["curvature_iterations"],
+        }
+    elif isinstance(meta, tf_imaml.MAML):
+        settings = {"algorithm": "fomaml" if cfg.get("first_order") else "maml"}
+    else:
+        settings = {"algorithm": "reptile"}
+    settings.update(
+        inner_steps=cfg["inner_steps"],
+        inner_learning_rate=cfg["inner_learning_rate"],
+        on_failure=cfg["on_failure"],
+    )
+    return settings
+
+
+def apply_given_flags(meta, config: TrainConfig, given) -> list[str]:
+    """Applies the model flags given on the command line to a loaded meta-learner.
+
+    Args:
+      meta: The meta-learner loaded from `--init_model`.
+      config: The run's configuration.
+      given: Names of the flags given on the command line.
+
+    Returns:
+      `"name: old -> new"` for each flag applied.
+
+    Raises:
+      ValueError: Naming every given flag that differs from the model's value and that the
+        model cannot take after training.
+    """
+    settings = model_settings(meta)
+    applied, refused = [], []
+    for name in MODEL_FLAGS:
+        if name not in given or name not in settings:
+            if name in given and name not in settings:
+                refused.append(f"--{name} (a {type(meta).__name__} has no such setting)")
+            continue
+        old, new = settings[name], getattr(config, name)
+        if old == new or (isinstance(old, float) and new is not None and float(new) == old):
+            continue
+        if name in ADJUSTABLE_FLAGS:
+            setattr(meta, name, new)
+            applied.append(f"{name}: {old} -> {new}")
+        else:
+            refused.append(f"--{name}={new} (the model's: {old})")
+    if refused:
+        raise ValueError(
+            f"--init_model {config.init_model} fixes these settings, which the command line "
+            f"changes: {', '.join(refused)}. Only {', '.join('--' + f for f in ADJUSTABLE_FLAGS)} "
+            "can change after training; leave the others out or give the model's values."
+        )
+    return applied
 
 
 def image_size(config: TrainConfig) -> int:
@@ -400,7 +489,7 @@ def resumed_epoch(backup_dir: pathlib.Path) -> int:
     return int(json.loads(metadata.read_text())["epoch"])
 
 
-def train(config: TrainConfig, *, verbose: int = 1) -> dict:
+def train(config: TrainConfig, *, verbose: int = 1, given_flags=()) -> dict:
     """Meta-trains, evaluates on test tasks and writes the results; returns them."""
     config.validate()
     logdir = pathlib.Path(config.logdir)
@@ -431,6 +520,8 @@ def train(config: TrainConfig, *, verbose: int = 1) -> dict:
     with strategy.scope():
         if config.init_model:
             meta = keras.models.load_model(config.init_model)
+            for change in apply_given_flags(meta, config, set(given_flags)):
+                print(f"--init_model: {change} (from the command line)", flush=True)
             if config.init_learning_rate is not None:
                 meta.optimizer.learning_rate = config.init_learning_rate
         else:
@@ -541,7 +632,15 @@ def main(argv):
         raise app.UsageError(str(err)) from None
     try:
         # A progress bar for a person at a terminal; one line per epoch in a log file.
-        result = train(config, verbose=1 if sys.stdout.isatty() else 2)
+        result = train(
+            config,
+            verbose=1 if sys.stdout.isatty() else 2,
+            given_flags=[name for name in MODEL_FLAGS if FLAGS[name].present],
+        )
+    except ValueError as err:
+        if config.init_model and "--init_model" in str(err):
+            raise app.UsageError(str(err)) from None
+        raise
     except tf_imaml.callbacks.TrainingDiverged as err:
         raise SystemExit(f"training diverged: {err}") from None
     print(

@@ -127,3 +127,36 @@ def test_a_continued_run_takes_a_new_step_size_and_starts_later_in_the_stream(
         assert float(model.optimizer.learning_rate) == pytest.approx(rate), run
     recorded = json.loads((tmp_path / "second" / "flags.json").read_text())
     assert recorded["first_meta_batch"] == 2 and recorded["init_learning_rate"] == 1e-4
+
+
+def test_a_continued_run_applies_or_refuses_the_meta_learners_flags(
+    small_omniglot, tmp_path, train, tiny_train_flags
+):
+    """With --init_model a meta-learner flag is applied or refused, never silently ignored."""
+    flags = [f"--data_dir={small_omniglot}", *tiny_train_flags]  # --inner_steps=2
+    proc = train(f"--logdir={tmp_path / 'first'}", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = tmp_path / "first" / "model.keras"
+    # A setting the model can change after training is applied, and said so.
+    proc = train(
+        f"--logdir={tmp_path / 'second'}",
+        f"--init_model={first}",
+        *[f for f in flags if not f.startswith("--inner_steps")],
+        "--inner_steps=3",
+        "--test_lam=0.5",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--init_model: inner_steps: 2 -> 3 (from the command line)" in proc.stdout
+    assert "--init_model: test_lam: None -> 0.5 (from the command line)" in proc.stdout
+    import keras
+
+    model = keras.models.load_model(tmp_path / "second" / "model.keras")
+    assert model.inner_steps == 3 and model.test_lam == 0.5
+    # A setting fixed by the trained model is refused, naming it, before any training.
+    proc = train(f"--logdir={tmp_path / 'third'}", f"--init_model={first}", *flags, "--damping=1")
+    assert proc.returncode != 0
+    assert "--damping=1.0 (the model's: 0.0)" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "third" / "model.keras").exists()
+    # Flags left at their defaults are not compared: the model's own values hold.
+    proc = train(f"--logdir={tmp_path / 'fourth'}", f"--init_model={first}", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
