@@ -764,7 +764,7 @@ def test_study3_setting_and_table():
     shipped = [_pct(row["accuracy"]) for row in IS5_SHIPPED["rows"]]
     _check(
         text,
-        "| shipped model ({} meta-steps, the authors' system, test lam {}) | — | "
+        "| model shipped then ({} meta-steps, the authors' system, test lam {}) | — | "
         + " | ".join(["{}"] * len(header))
         + " |",
         IS5_SHIPPED["meta_steps"],
@@ -872,7 +872,7 @@ def test_study3_findings():
     rows = {row["test_steps"]: _pct(row["accuracy"]) for row in IS5_SHIPPED["rows"]}
     _check(
         text,
-        "The shipped model scores {}% after one test step and {}% after {} (its training K)",
+        "The model shipped then scores {}% after one test step and {}% after {} (its training K)",
         rows[1],
         rows[16],
         16,
