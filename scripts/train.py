@@ -275,6 +275,10 @@ MODEL_FLAGS = ADJUSTABLE_FLAGS + (
 )
 
 
+class InitModelConflict(ValueError):
+    """A flag given with --init_model changes a setting the saved model fixes."""
+
+
 def model_settings(meta: tf_imaml.meta_model.MetaLearner) -> dict:
     """A saved meta-learner's values of the `MODEL_FLAGS` it has, read from its config."""
     cfg = meta.get_config()
@@ -315,18 +319,17 @@ def apply_given_flags(meta, config: TrainConfig, given) -> list[str]:
       `"name: old -> new"` for each flag applied.
 
     Raises:
-      ValueError: Naming every given flag that differs from the model's value and that the
-        model cannot take after training.
+      InitModelConflict: Naming every given flag that differs from the model's value and
+        that the model cannot take after training.
     """
     settings = model_settings(meta)
     applied, refused = [], []
-    for name in MODEL_FLAGS:
-        if name not in given or name not in settings:
-            if name in given and name not in settings:
-                refused.append(f"--{name} (a {type(meta).__name__} has no such setting)")
+    for name in (n for n in MODEL_FLAGS if n in given):
+        if name not in settings:
+            refused.append(f"--{name} (a {type(meta).__name__} has no such setting)")
             continue
         old, new = settings[name], getattr(config, name)
-        if old == new or (isinstance(old, float) and new is not None and float(new) == old):
+        if old == new:
             continue
         if name in ADJUSTABLE_FLAGS:
             setattr(meta, name, new)
@@ -334,7 +337,7 @@ def apply_given_flags(meta, config: TrainConfig, given) -> list[str]:
         else:
             refused.append(f"--{name}={new} (the model's: {old})")
     if refused:
-        raise ValueError(
+        raise InitModelConflict(
             f"--init_model {config.init_model} fixes these settings, which the command line "
             f"changes: {', '.join(refused)}. Only {', '.join('--' + f for f in ADJUSTABLE_FLAGS)} "
             "can change after training; leave the others out or give the model's values."
@@ -637,10 +640,8 @@ def main(argv):
             verbose=1 if sys.stdout.isatty() else 2,
             given_flags=[name for name in MODEL_FLAGS if FLAGS[name].present],
         )
-    except ValueError as err:
-        if config.init_model and "--init_model" in str(err):
-            raise app.UsageError(str(err)) from None
-        raise
+    except InitModelConflict as err:
+        raise app.UsageError(str(err)) from None
     except tf_imaml.callbacks.TrainingDiverged as err:
         raise SystemExit(f"training diverged: {err}") from None
     print(
