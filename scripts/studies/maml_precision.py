@@ -12,12 +12,21 @@ else by running the same computation in float32 and in float64:
     float64. Since both runs do the same arithmetic, their difference is rounding error (as
     amplified by the unrolled dynamics), not truncation.
 (b) Training. `tf_imaml.MAML` meta-trained for the same short run in float32 and in float64
-    (same initial weights, same episodes, op determinism on), then evaluated on the same
-    held-out test tasks (mean +- 95% CI, and the paired difference).
+    (same initial weights, same episodes), then evaluated on the same held-out test tasks
+    (mean +- 95% CI, and the paired difference), once per training seed (`--train_seeds`:
+    a seed sets the random initial weights and the training episodes; the test tasks are
+    the same for every seed). Over the seeds: each dtype's mean with its 95% t interval over
+    seeds, the paired per-task test (`stats.paired_test`, each task averaged over seeds) and
+    the t interval of the per-seed differences.
 
 Usage:
   python scripts/studies/maml_precision.py --output_dir=docs/studies/maml_precision
   python scripts/studies/maml_precision.py --tiny --output_dir=/tmp/maml_precision
+  python scripts/studies/maml_precision.py --output_dir=out --merge=a/maml_precision.json,...
+
+`--merge` combines runs with the same training setting and test tasks, each with its own
+training seeds (for example part (a) with seed 0 in one run, more seeds with `--weights=` in
+another), into one report; part (a) is the first file's that has it.
 
 It writes `maml_precision.md`, `maml_precision.json` and `maml_precision.png` into
 `--output_dir`.
@@ -26,6 +35,8 @@ It writes `maml_precision.md`, `maml_precision.json` and `maml_precision.png` in
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 import time
 
 import fewshot
@@ -33,6 +44,7 @@ import harness
 import keras
 import numpy as np
 import reporting
+import stats
 import tensorflow as tf
 from harness import option
 
@@ -72,7 +84,10 @@ class Config:
     queries: int = option(15, "Query examples per class.", tiny=2, lower_bound=1)
     image_size: int = option(28, "Image side.", tiny=14)
     filters: int = option(64, "Conv filters.", tiny=4, lower_bound=1)
-    seed: int = option(0, "Seed of tasks, weights and episodes.")
+    seed: int = option(0, "Seed of part (a)'s tasks and weights and of part (b)'s test tasks.")
+    train_seeds: tuple[int, ...] = option(
+        (0,), "Training seeds of part (b): each sets the initial weights and the episodes."
+    )
 
     def validate(self) -> None:
         """Raises `ValueError` naming the first bad value."""
@@ -87,6 +102,10 @@ class Config:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if "pretrained" in self.weights and (self.image_size, self.filters) != (28, 64):
             raise ValueError("--weights=pretrained needs --image_size=28 and --filters=64")
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(
+                f"--train_seeds must be distinct and non-empty, got {self.train_seeds}"
+            )
 
 
 TINY = harness.tiny_values(Config)
@@ -106,11 +125,12 @@ def conv_model(config: Config, dtype: str) -> keras.Model:
     )
 
 
-def initial_weights(config: Config, weights: str) -> list[np.ndarray]:
-    """The shipped iMAML model's weights, or a seeded random init (float32 values)."""
+def initial_weights(config: Config, weights: str, seed: int | None = None) -> list[np.ndarray]:
+    """The shipped iMAML model's weights, or a random init seeded by `seed` (default
+    `config.seed`), as float32 values."""
     if weights == "pretrained":
         return fewshot.pretrained_weights(harness.PRETRAINED)
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed if seed is None else seed)
     return [v.numpy() for v in conv_model(config, "float32").trainable_variables]
 
 
@@ -246,9 +266,10 @@ def gradient_precision(config: Config, tasks: tuple, weights: list, label: str) 
 # --------------------------------------------------------------------------- (b) training
 
 
-def train_and_evaluate(config: Config, dtype: str, weights: list, data: dict) -> dict:
-    """`tf_imaml.MAML` meta-trained in `dtype` from `weights`; test accuracy per task."""
-    keras.utils.set_random_seed(config.seed)
+def train_and_evaluate(config: Config, dtype: str, weights: list, data: dict, seed: int) -> dict:
+    """`tf_imaml.MAML` meta-trained in `dtype` from `weights` on the episodes of training
+    seed `seed`; test accuracy per task on the test tasks of `config.seed`."""
+    keras.utils.set_random_seed(seed)
     learner = conv_model(config, dtype)
     for variable, value in zip(learner.trainable_variables, weights, strict=True):
         variable.assign(value.astype(dtype))
@@ -261,7 +282,7 @@ def train_and_evaluate(config: Config, dtype: str, weights: list, data: dict) ->
     history, train_seconds = {}, 0.0
     if config.train_meta_steps:
         train_data = episodes(
-            config, data["train"], seed=config.seed, num_tasks=None, batch=config.meta_batch_size
+            config, data["train"], seed=seed, num_tasks=None, batch=config.meta_batch_size
         )
         history, train_seconds = fewshot.meta_train(
             meta, train_data, meta_steps=config.train_meta_steps, verbose=2
@@ -347,19 +368,59 @@ def plot(precision: dict, training: dict | None, config: Config):
     ax.legend(fontsize=6)
     if training:
         ax = axes[0][1]
-        names = list(training)
-        means = [100 * training[d]["test_accuracy"] for d in names]
-        cis = [100 * training[d]["test_ci95"] for d in names]
-        ax.bar(names, means, yerr=cis, capsize=6, color=["tab:blue", "tab:orange"])
+        summary = training["summary"]
+        seeds = summary["float32"]["seeds"]
+        for i, dtype in enumerate(DTYPES):
+            interval = summary[dtype]["seed_interval"]
+            ax.bar(
+                i,
+                100 * interval["mean"],
+                yerr=100 * interval["half_width"],
+                capsize=6,
+                color=("tab:blue", "tab:orange")[i],
+                alpha=0.6,
+            )
+            ax.plot([i] * len(seeds), 100 * np.asarray(summary[dtype]["per_seed_accuracy"]), "k.")
+        for pair in zip(*(summary[d]["per_seed_accuracy"] for d in DTYPES), strict=True):
+            ax.plot([0, 1], 100 * np.asarray(pair), "k-", lw=0.5, alpha=0.5)
+        ax.set_xticks(range(len(DTYPES)), DTYPES)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(
-            f"MAML after {config.train_meta_steps} meta-steps, K={config.train_inner_steps} "
-            f"({config.test_tasks} test tasks, 95% CI)",
-            fontsize=9,
+            f"MAML after {config.train_meta_steps} meta-steps, K={config.train_inner_steps}: "
+            f"{len(seeds)} seed(s) (dots, paired by lines),\nmean and 95% t interval over seeds "
+            f"({config.test_tasks} test tasks)",
+            fontsize=8,
         )
-        low = min(m - c for m, c in zip(means, cis, strict=True))
-        ax.set_ylim(max(0.0, low - 10), min(100.0, max(means) + 10))
+        values = [100 * v for d in DTYPES for v in summary[d]["per_seed_accuracy"]]
+        ax.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 10))
     return fig
+
+
+def _gradient_lines(config: Config, precision: dict) -> list[str]:
+    """Part (a)'s Markdown."""
+    lines = [
+        "### (a) Rounding error of the meta-gradient: float32 against float64",
+        "",
+        f"{config.grad_tasks} Omniglot 5-way 1-shot test tasks ({config.queries} queries per "
+        f"class), conv net ({config.image_size}x{config.image_size}, {config.filters} "
+        "filters). MAML: backpropagation through K GD steps on the support loss. iMAML: K "
+        f"proximal GD steps (lam = {config.lam}) and {config.cg_steps} CG steps. Same "
+        "arithmetic in both dtypes, so the difference is rounding error as the computation "
+        "amplifies it. Relative difference `‖g32 − g64‖/‖g64‖` and `1 − cos(g32, g64)`, "
+        "means over tasks; ‖g‖ is the float64 meta-gradient's norm (mean over tasks).",
+        "",
+    ]
+    for weights, by_lr in precision.items():
+        for lr, rows in by_lr.items():
+            neg = np.mean([np.mean(n) for n in rows["imaml_negative_curvature"]])
+            lines += [
+                f"{weights} weights, inner step size {lr} (iMAML's CG met non-positive "
+                f"curvature in {100 * neg:.0f}% of the (task, K) solves):",
+                "",
+                precision_table(rows, config),
+                "",
+            ]
+    return lines
 
 
 def run(config: Config) -> dict:
@@ -368,7 +429,6 @@ def run(config: Config) -> dict:
     start = time.time()
     data = fewshot.load_omniglot_splits(config.image_size)
     results = {"config": dataclasses.asdict(config), "gradient_precision": {}}
-    lines = []
 
     # (a) Gradient precision on test tasks.
     if config.weights:
@@ -385,80 +445,105 @@ def run(config: Config) -> dict:
             config, tasks, initial_weights(config, weights), weights
         )
     a_seconds = time.time() - start
-    lines += [
-        "### (a) Rounding error of the meta-gradient: float32 against float64",
-        "",
-        f"{config.grad_tasks} Omniglot 5-way 1-shot test tasks ({config.queries} queries per "
-        f"class), conv net ({config.image_size}x{config.image_size}, {config.filters} "
-        "filters). MAML: backpropagation through K GD steps on the support loss. iMAML: K "
-        f"proximal GD steps (lam = {config.lam}) and {config.cg_steps} CG steps. Same "
-        "arithmetic in both dtypes, so the difference is rounding error as the computation "
-        "amplifies it. Relative difference `‖g32 − g64‖/‖g64‖` and `1 − cos(g32, g64)`, "
-        "means over tasks; ‖g‖ is the float64 meta-gradient's norm (mean over tasks).",
-        "",
-    ]
-    for weights, by_lr in results["gradient_precision"].items():
-        for lr, rows in by_lr.items():
-            neg = np.mean([np.mean(n) for n in rows["imaml_negative_curvature"]])
-            lines += [
-                f"{weights} weights, inner step size {lr} (iMAML's CG met non-positive "
-                f"curvature in {100 * neg:.0f}% of the (task, K) solves):",
-                "",
-                precision_table(rows, config),
-                "",
-            ]
+    lines = _gradient_lines(config, results["gradient_precision"]) if config.weights else []
 
-    # (b) Training in float32 and float64.
-    training = None
-    if config.train_meta_steps:
-        init = initial_weights(config, "random")
-        training = {}
-        for dtype in DTYPES:
-            print(f"[training] MAML in {dtype}", flush=True)
-            training[dtype] = train_and_evaluate(config, dtype, init, data)
-        acc = {d: training[d]["per_task"] for d in DTYPES}
-        diff_mean, diff_ci = reporting.mean_ci95(acc["float64"] - acc["float32"])
-        w32, w64 = (
-            np.concatenate([w.ravel() for w in training[d]["final_weights"]]) for d in DTYPES
-        )
-        drift = float(np.linalg.norm(w32 - w64) / np.linalg.norm(w64))
-        init_flat = np.concatenate([w.ravel() for w in init]).astype(np.float64)
-        moved = float(np.linalg.norm(w64 - init_flat) / np.linalg.norm(init_flat))
-        results["training"] = {
-            d: {k: v for k, v in training[d].items() if k != "final_weights"} for d in DTYPES
-        } | {
+    # (b) Training in float32 and float64, once per training seed.
+    runs = [train_seed_pair(config, seed, data) for seed in config.train_seeds]
+    return _report(config, out_dir, results, lines, runs, start, a_seconds)
+
+
+def train_seed_pair(config: Config, seed: int, data: dict) -> dict:
+    """MAML trained in float32 and in float64 from training seed `seed`'s initial weights and
+    episodes, both scored on the same test tasks; the JSON record of the pair."""
+    init = initial_weights(config, "random", seed)
+    training = {}
+    for dtype in DTYPES:
+        print(f"[training] seed {seed}: MAML in {dtype}", flush=True)
+        training[dtype] = train_and_evaluate(config, dtype, init, data, seed)
+    diff_mean, diff_ci = reporting.mean_ci95(
+        training["float64"]["per_task"] - training["float32"]["per_task"]
+    )
+    w32, w64 = (np.concatenate([w.ravel() for w in training[d]["final_weights"]]) for d in DTYPES)
+    init_flat = np.concatenate([w.ravel() for w in init]).astype(np.float64)
+    return (
+        {"seed": seed}
+        | {d: {k: v for k, v in training[d].items() if k != "final_weights"} for d in DTYPES}
+        | {
             "paired_difference_float64_minus_float32": {"mean": diff_mean, "ci95": diff_ci},
-            "final_weights_relative_difference": drift,
-            "float64_weights_moved_relative": moved,
+            "final_weights_relative_difference": float(
+                np.linalg.norm(w32 - w64) / np.linalg.norm(w64)
+            ),
+            "float64_weights_moved_relative": float(
+                np.linalg.norm(w64 - init_flat) / np.linalg.norm(init_flat)
+            ),
         }
+    )
+
+
+def training_summary(runs: list[dict]) -> dict:
+    """Over the seeds of `runs`: each dtype's `stats.arm_summary` and the paired comparison
+    float64 - float32 (`stats.compare_arms`: per task, and per seed)."""
+    arms = {d: stats.arm_summary({r["seed"]: r[d]["per_task"] for r in runs}) for d in DTYPES}
+    return arms | {"float64_minus_float32": stats.compare_arms(arms["float64"], arms["float32"])}
+
+
+def _report(config, out_dir, results, lines, runs, start, a_seconds) -> dict:
+    """Adds part (b)'s `runs` to `results` and `lines`; writes the Markdown, JSON and PNG."""
+    training = None
+    if config.train_meta_steps and runs:
+        summary = training_summary(runs)
+        training = {"runs": runs, "summary": summary}
+        results["training"] = training
         lines += [
             "### (b) MAML meta-trained in float32 and in float64",
             "",
             f"Second-order MAML (`tf_imaml.MAML`), K = {config.train_inner_steps} inner steps "
             f"of {config.train_learning_rate}, Adam {config.outer_learning_rate:g}, "
-            f"{config.train_meta_steps} meta-steps of {config.meta_batch_size} tasks from the "
-            "same random initialisation and the same episodes (op determinism on), evaluated "
-            f"on the same {config.test_tasks} test tasks (Omniglot 5-way 1-shot, "
-            f"{config.queries} queries per class; mean ± 95% CI).",
+            f"{config.train_meta_steps} meta-steps of {config.meta_batch_size} tasks. Per "
+            "training seed, both dtypes start from the same random initialisation and see the "
+            f"same episodes; every model is scored on the same {config.test_tasks} test tasks "
+            f"(Omniglot 5-way 1-shot, {config.queries} queries per class; mean ± 95% CI over "
+            "tasks).",
             "",
             reporting.markdown_table(
-                ["dtype", "test accuracy (%)", "± 95% CI", "final train loss", "train time (s)"],
+                [
+                    "seed",
+                    "float32 (%)",
+                    "float64 (%)",
+                    "paired difference (points)",
+                    "weights apart",
+                    "train time f32 / f64 (s)",
+                ],
                 [
                     [
-                        d,
-                        100 * training[d]["test_accuracy"],
-                        100 * training[d]["test_ci95"],
-                        training[d]["final_train"].get("loss"),
-                        training[d]["train_seconds"],
+                        r["seed"],
+                        f"{100 * r['float32']['test_accuracy']:.2f} ± "
+                        f"{100 * r['float32']['test_ci95']:.2f}",
+                        f"{100 * r['float64']['test_accuracy']:.2f} ± "
+                        f"{100 * r['float64']['test_ci95']:.2f}",
+                        f"{100 * r['paired_difference_float64_minus_float32']['mean']:+.2f} ± "
+                        f"{100 * r['paired_difference_float64_minus_float32']['ci95']:.2f}",
+                        r["final_weights_relative_difference"],
+                        f"{r['float32']['train_seconds']:.0f} / "
+                        f"{r['float64']['train_seconds']:.0f}",
                     ]
-                    for d in DTYPES
+                    for r in runs
                 ],
             ),
             "",
-            f"Paired difference (float64 − float32) over the same test tasks: "
-            f"{100 * diff_mean:+.2f} ± {100 * diff_ci:.2f} percentage points. Final weights "
-            f"differ by {drift:.3g} (relative norm); training moved the float64 weights by "
-            f"{moved:.3g} of their initial norm.",
+            "'weights apart': the relative distance of the two final weight vectors, against "
+            "which training moved the float64 weights by "
+            + ", ".join(f"{r['float64_weights_moved_relative']:.3g}" for r in runs)
+            + " of their initial norm.",
+            "",
+            f"Over {len(runs)} seed(s): float32 {stats.percent(_interval(summary['float32']))}%, "
+            f"float64 {stats.percent(_interval(summary['float64']))}% (mean ± 95% t interval "
+            "over seeds).",
+            "",
+            reporting.markdown_table(
+                ["comparison", *stats.comparison_headers()],
+                [["float64 − float32", *stats.comparison_cells(summary["float64_minus_float32"])]],
+            ),
             "",
         ]
     results["wall_seconds"] = round(time.time() - start, 1)
@@ -479,5 +564,82 @@ def run(config: Config) -> dict:
     return results
 
 
+def _interval(arm: dict) -> stats.Interval:
+    return stats.Interval(**arm["seed_interval"])
+
+
+# Config fields that runs must share to be merged: the same training setting and test tasks.
+_MERGE_FIELDS = (
+    "train_meta_steps",
+    "meta_batch_size",
+    "train_inner_steps",
+    "train_learning_rate",
+    "outer_learning_rate",
+    "test_tasks",
+    "queries",
+    "image_size",
+    "filters",
+    "seed",
+)
+
+
+def _runs(part: dict) -> list[dict]:
+    """A JSON file's part (b) runs; a file written before `--train_seeds` holds one run, of
+    its `seed`, as the whole of `training`."""
+    training = part.get("training")
+    if not training:
+        return []
+    if "runs" in training:
+        return training["runs"]
+    return [{"seed": part["config"]["seed"]} | training]
+
+
+def merge(paths: list[str], output_dir: str) -> dict:
+    """Combines runs' `maml_precision.json` (each with its own training seeds) into one
+    report; part (a) is the first file's that has one.
+
+    Raises:
+      ValueError: If the files differ in a field of `_MERGE_FIELDS`, or two hold the same
+        training seed.
+    """
+    start = time.time()
+    parts = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    for path, part in zip(paths, parts, strict=True):
+        harness.check_same(path, part["config"], parts[0]["config"], _MERGE_FIELDS)
+    runs = [run for part in parts for run in _runs(part)]
+    twice = harness.repeated([run["seed"] for run in runs])
+    if twice:
+        raise ValueError(f"training seeds met in more than one file: {twice}")
+    runs.sort(key=lambda run: run["seed"])
+    source = next((p for p in parts if p["gradient_precision"]), parts[0])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in source["config"].items()}
+    values |= {"output_dir": output_dir, "train_seeds": tuple(r["seed"] for r in runs)}
+    config = Config(**values)
+    out_dir = harness.output_folder(config, deterministic=False)
+    results = {
+        "config": dataclasses.asdict(config),
+        "gradient_precision": source["gradient_precision"],
+        "merged_from": list(paths),
+    }
+    lines = _gradient_lines(config, source["gradient_precision"]) if config.weights else []
+    for name, part in zip(paths, parts, strict=True):
+        lines.append(
+            f"Merged from `{name}` (training seeds {[r['seed'] for r in _runs(part)]}, "
+            f"{part['wall_seconds']:.0f} s)."
+        )
+    lines.append("")
+    results = _report(
+        config, out_dir, results, lines, runs, start, source.get("gradient_part_seconds", 0.0)
+    )
+    return results
+
+
 if __name__ == "__main__":
-    harness.main(Config, run, tiny=TINY)
+    harness.main(
+        Config,
+        run,
+        tiny=TINY,
+        merge=merge,
+        merge_help="combine the maml_precision.json of runs with the same training setting "
+        "and test tasks (each with its own --train_seeds) into one report in --output_dir.",
+    )

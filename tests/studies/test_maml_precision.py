@@ -38,7 +38,8 @@ def test_float32_and_float64_differ_by_rounding_only(results):
 
 
 def test_training_runs_in_each_dtype_on_the_same_test_tasks(results):
-    training = results[0]["training"]
+    (training,) = results[0]["training"]["runs"]
+    assert training["seed"] == 0
     assert training["float32"]["variable_dtype"] == "float32"
     assert training["float64"]["variable_dtype"] == "float64"
     for dtype in ("float32", "float64"):
@@ -56,10 +57,73 @@ def test_writes_markdown_json_and_plot(results, assert_png):
     assert "### (a) Rounding error of the meta-gradient" in text
     assert "| K | MAML rel. diff. | MAML 1 − cos |" in text and "\n| 3 | " in text
     assert "### (b) MAML meta-trained in float32 and in float64" in text
-    assert "| float64 | " in text and "Paired difference" in text
+    assert "| seed | float32 (%) | float64 (%) | paired difference (points) |" in text
+    assert "\n| 0 | " in text and "| float64 − float32 | 1 | " in text
     saved = json.loads((out / "maml_precision.json").read_text())
     assert saved["config"]["inner_steps"] == [1, 3]
     assert_png(out / "maml_precision.png")
+
+
+@pytest.fixture(scope="module")
+def merged(study, results, tmp_path_factory):
+    """The tiny run (part (a), training seed 0) merged with a run of seeds 3 and 1 alone."""
+    more = tmp_path_factory.mktemp("maml_precision_more")
+    study.run(study.Config(output_dir=str(more), **(SMALL | dict(weights=(), train_seeds=(3, 1)))))
+    out = tmp_path_factory.mktemp("maml_precision_merged")
+    paths = [str(results[1] / "maml_precision.json"), str(more / "maml_precision.json")]
+    return study.merge(paths, str(out)), out
+
+
+def test_merge_pools_the_seeds_and_recomputes_the_summary(merged, results):
+    merged_results, out = merged
+    training = merged_results["training"]
+    assert [r["seed"] for r in training["runs"]] == [0, 1, 3]
+    assert merged_results["config"]["train_seeds"] == (0, 1, 3)
+    # Part (a) is the first file's; seed 0's run is the first file's, unchanged.
+    first = json.loads((results[1] / "maml_precision.json").read_text())
+    assert merged_results["gradient_precision"] == first["gradient_precision"]
+    assert training["runs"][0] == first["training"]["runs"][0]
+    # Recomputed by hand: the seed means and the per-task difference of seed-averaged tasks.
+    acc = {
+        d: np.array([r[d]["per_task"] for r in training["runs"]]) for d in ("float32", "float64")
+    }
+    summary = training["summary"]
+    for d in ("float32", "float64"):
+        assert summary[d]["per_seed_accuracy"] == pytest.approx(acc[d].mean(axis=1).tolist())
+        assert summary[d]["seed_interval"]["mean"] == pytest.approx(acc[d].mean())
+        assert summary[d]["seed_interval"]["num"] == 3
+    paired = summary["float64_minus_float32"]["per_task"]
+    d = (acc["float64"] - acc["float32"]).mean(axis=0)
+    assert paired["mean_difference"] == pytest.approx(d.mean())
+    assert paired["wins"] == int((d > 0).sum()) and paired["losses"] == int((d < 0).sum())
+    text = (out / "maml_precision.md").read_text()
+    assert "### (a) Rounding error" in text and "| 3 | " in text and "float64 − float32" in text
+    saved = json.loads((out / "maml_precision.json").read_text())
+    assert saved["training"]["summary"]["float32"]["seeds"] == [0, 1, 3]
+
+
+def test_merge_refuses_a_seed_twice_and_another_setting(study, results, tmp_path):
+    path = str(results[1] / "maml_precision.json")
+    with pytest.raises(ValueError, match=r"training seeds met in more than one file: \[0\]"):
+        study.merge([path, path], str(tmp_path / "twice"))
+    other = json.loads((results[1] / "maml_precision.json").read_text())
+    other["config"]["train_meta_steps"] += 1
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="train_meta_steps"):
+        study.merge([path, str(other_path)], str(tmp_path / "other"))
+
+
+def test_merge_reads_a_file_written_before_train_seeds(study, results, tmp_path):
+    # Before --train_seeds, `training` was the one run of the config's `seed`, without "seed".
+    old = json.loads((results[1] / "maml_precision.json").read_text())
+    (run,) = old["training"].pop("runs")
+    old["training"] = {k: v for k, v in run.items() if k != "seed"}
+    old["config"].pop("train_seeds")
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    merged = study.merge([str(old_path)], str(tmp_path / "out"))
+    assert merged["training"]["runs"] == [run]
 
 
 def test_maml_with_a_vanishing_step_is_the_query_gradient(study):
