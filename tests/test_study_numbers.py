@@ -572,7 +572,7 @@ def test_study1_tanh_step01_results_row_and_relu_lbfgs():
 
 # --- study 2: MAML in float32 against float64 --------------------------------------------------
 
-MP = _json("maml_precision/maml_precision.json")
+MP = _json("maml_precision/seeds5/maml_precision.json")  # part (a) and 5 seeds of (b)
 MP_K = MP["config"]["inner_steps"]
 
 
@@ -619,34 +619,69 @@ def test_study2_gradient():
 
 
 def test_study2_training():
-    training = MP["training"]
     config = MP["config"]
-    paired = training["paired_difference_float64_minus_float32"]
+    summary = MP["training"]["summary"]
+    runs = MP["training"]["runs"]
+    assert [r["seed"] for r in runs] == summary["float32"]["seeds"] == [0, 1, 2, 3, 4]
+    # The pooled summary is the one its per-task results give.
+    for dtype in ("float32", "float64"):
+        per_seed = [np.mean(r[dtype]["per_task"]) for r in runs]
+        assert np.allclose(summary[dtype]["per_seed_accuracy"], per_seed)
+    pair = summary["float64_minus_float32"]
+    diff = [r["paired_difference_float64_minus_float32"]["mean"] for r in runs]
+    ahead = [r for r in runs if r["paired_difference_float64_minus_float32"]["mean"] > 0]
+    worst = runs[int(np.argmin(diff))]["paired_difference_float64_minus_float32"]
+    assert re.search(r"float64\s+is\s+ahead\s+on\s+one\s+seed\s+of\s+five", _section(2))
+    assert len(ahead) == 1 and ahead[0]["seed"] == 0 and len(runs) == 5
     _check(
         _section(2),
-        "**Training.** {} meta-steps (K = {}, step {}, meta-batch {}), {} test tasks: float32 "
-        "{} +- {}%, float64 {} +- {}%; paired difference +{} +- {} points",
+        "**Training, {} seeds.** {} meta-steps (K = {}, step {}, meta-batch {}), {} test tasks: "
+        "float32 {} +- {}%, float64 {} +- {}% (mean +- 95% t interval over {} seeds). Per seed, "
+        "float64 - float32 is {} +- {} points",
+        len(runs),
         config["train_meta_steps"],
         config["train_inner_steps"],
         config["train_learning_rate"],
         config["meta_batch_size"],
         config["test_tasks"],
-        _pct(training["float32"]["test_accuracy"]),
-        _pct(training["float32"]["test_ci95"]),
-        _pct(training["float64"]["test_accuracy"]),
-        _pct(training["float64"]["test_ci95"]),
-        _pct(paired["mean"]),
-        _pct(paired["ci95"]),
+        _pct(summary["float32"]["seed_interval"]["mean"]),
+        _pct(summary["float32"]["seed_interval"]["half_width"]),
+        _pct(summary["float64"]["seed_interval"]["mean"]),
+        _pct(summary["float64"]["seed_interval"]["half_width"]),
+        len(runs),
+        _pct(pair["per_seed"]["mean"]),
+        _pct(pair["per_seed"]["half_width"]),
+    )
+    assert pair["per_seed"]["low"] < 0 < pair["per_seed"]["high"]  # "not significant"
+    first = ahead[0]["paired_difference_float64_minus_float32"]
+    _check(
+        _section(2), "(seed 0, the first run: +{} +- {})", _pct(first["mean"]), _pct(first["ci95"])
+    )
+    test = pair["per_task"]
+    _check(
+        _section(2),
+        "gives {} +- {} points (t-test p = {}, sign test p = {}), but it holds the five trainings "
+        "fixed, and one seed ({} +- {}) carries",
+        _pct(test["mean_difference"]),
+        _pct(test["half_width"]),
+        test["t_pvalue"],
+        test["sign_pvalue"],
+        _pct(worst["mean"]),
+        _pct(worst["ci95"]),
     )
     _check(_section(2), "on this net, up to {} unrolled steps", max(MP_K))
     _check(
         _results_row(2),
-        "no steady drift with K up to {}; training {} +- {}% (float32) vs {} +- {}% (float64)",
+        "no steady drift with K up to {}; training ({} seeds) {} +- {}% (float32) vs {} +- {}% "
+        "(float64), per seed {} +- {} points",
         max(MP_K),
-        _pct(training["float32"]["test_accuracy"]),
-        _pct(training["float32"]["test_ci95"]),
-        _pct(training["float64"]["test_accuracy"]),
-        _pct(training["float64"]["test_ci95"]),
+        len(runs),
+        _pct(summary["float32"]["seed_interval"]["mean"]),
+        _pct(summary["float32"]["seed_interval"]["half_width"]),
+        _pct(summary["float64"]["seed_interval"]["mean"]),
+        _pct(summary["float64"]["seed_interval"]["half_width"]),
+        _pct(pair["per_seed"]["mean"]),
+        _pct(pair["per_seed"]["half_width"]),
     )
 
 
@@ -1930,6 +1965,8 @@ def _commands(text):
 
 
 def _same(flag_value, config_value):
+    if isinstance(config_value, list) and not config_value:
+        return flag_value == ""
     if isinstance(config_value, list):
         parts = flag_value.split(",")
         return len(parts) == len(config_value) and all(
@@ -1960,7 +1997,7 @@ def _check_command(script, flags):
 
 def test_commands_in_studies_md_match_their_json():
     commands = _commands(STUDIES)
-    assert len(commands) == 9, commands
+    assert len(commands) == 11, commands
     assert sum(_check_command(script, flags) for script, flags in commands) >= 30
 
 
