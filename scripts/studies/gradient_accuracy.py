@@ -823,7 +823,16 @@ def run(config: Config) -> dict:
             else f"L-BFGS from {lbfgs_start} ({ref['trajectory'][-1]['inner_steps'].split()[1]} "
             f"iterations, at most {config.reference_inner_steps})"
         )
-        bias = {k: harness.mean(v, ref["ok"]) for k, v in ref["damped_bias"].items()}
+        if ref["ok"].any():
+            bias = {k: harness.mean(v, ref["ok"]) for k, v in ref["damped_bias"].items()}
+            bias_text = (
+                "(its bias alone, mean over trusted tasks): relative error "
+                f"{reporting.format_cell(bias['relative_error'])}, cosine "
+                f"{reporting.format_cell(bias['cosine'])} (CG residual "
+                f"{reporting.format_cell(float(np.max(ref['damped_bias']['residual'])))} at most)."
+            )
+        else:  # The exact implicit gradient it would be compared with does not exist.
+            bias_text = "(its bias alone): not measured, no task's reference is trusted."
         setting = (
             f"Omniglot conv net ({ref['target'].shape[1]:,} weights, {config.image_size}x"
             f"{config.image_size}, {config.filters} filters, {activation}), {weights} weights, "
@@ -839,10 +848,7 @@ def run(config: Config) -> dict:
             f"< {REFERENCE_MAX_RESIDUAL:g}: {int(ref['ok'].sum())} of {config.conv_tasks} tasks. "
             f"‖θ − φ*‖ per task: {_fmt_list(ref['theta_distance'])}. Damped iMAML's system "
             f"`{1 + config.damping:g}I + H/(lam + {config.lam_damping:g})` solved at φ* by the "
-            "reference's CG (its bias alone, mean over trusted tasks): relative error "
-            f"{reporting.format_cell(bias['relative_error'])}, cosine "
-            f"{reporting.format_cell(bias['cosine'])} (CG residual "
-            f"{reporting.format_cell(float(np.max(ref['damped_bias']['residual'])))} at most)."
+            f"reference's CG {bias_text}"
         )
         entry = {"reference": {k: v for k, v in ref.items() if k != "target"}}
         results["problems"][f"conv_{weights}"] = entry

@@ -239,3 +239,27 @@ def test_warm_started_lbfgs_reference_on_the_tanh_net(study):
 def test_warm_start_needs_the_lbfgs_reference(study):
     with pytest.raises(ValueError, match="reference_init=phi_K needs --reference_solver=lbfgs"):
         study.Config(reference_init="phi_K").validate()
+
+
+def test_no_damped_bias_is_reported_without_a_trusted_reference(study, tmp_path):
+    # Two GD steps cannot reach the ReLU net's inner minimiser: no task's reference is
+    # trusted, so there is no exact implicit gradient to measure the damped system against,
+    # and the report says so instead of averaging over untrusted tasks.
+    config = study.Config(
+        **SIZES,
+        inner_steps=(1, 2),
+        cg_steps=(1,),
+        weights=("random",),
+        conv_tasks=1,
+        queries=1,
+        image_size=14,
+        filters=4,
+        reference_inner_steps=2,
+        reference_cg_steps=3,
+        output_dir=str(tmp_path),
+    )
+    results = study.run(config)
+    assert not np.any(results["problems"]["conv_random"]["reference"]["ok"])
+    text = (tmp_path / "gradient_accuracy.md").read_text()
+    assert "(its bias alone): not measured, no task's reference is trusted." in text
+    assert "mean over trusted tasks" not in text
