@@ -14,11 +14,6 @@ are compared with the configuration its JSON records.
 
 Figures whose source is not committed, so not checked against a JSON:
 
-- Study 1: the ReLU L-BFGS run ("300 float64 L-BFGS iterations ... ‖∇G‖ 0.14 to 0.31"): its
-  JSON (relu_lbfgs/) was left out of the repository. The `.md` table the script wrote from the
-  same numbers is committed, and `test_study1_tanh_step01_results_row_and_relu_lbfgs` checks
-  these figures against it instead. (Both tanh runs were redone with their JSON, tanh_warm/ and
-  tanh_warm_lr0.1/, and are checked against it.)
 - Study 7: "CG ended with a residual of about 43" (40 steps), "after 3.4 iterations" (250
   steps) and "support loss 0.04 to 0.11 at 40 steps": these come from the training runs'
   logs (`/work/runs/mi250`, `/work/runs/study_mini_imagenet`), which are not committed.
@@ -291,25 +286,6 @@ def _md(path):
     return (STUDIES_DIR / path).read_text()
 
 
-def _conv_header(conv):
-    """The settings and the L-BFGS reference a conv-net section of gradient_accuracy.md states."""
-    match = re.search(
-        r"(?P<filters>\d+) filters, (?P<activation>\w+)\), (?P<weights>\w+) weights, "
-        r"(?P<tasks>\d+) 5-way 1-shot test tasks.*?lam = (?P<lam>[\d.]+), inner GD step "
-        r"(?P<step>[\d.]+)\. Reference in float64: L-BFGS from theta \((?P<iterations>\d+) "
-        r"iterations, at most (?P<max_iterations>\d+)\) \(remaining proximal gradient norm ‖∇G‖ "
-        r"per task: (?P<norms>[^)]*)\), then CG \(at most (?P<cg_steps>\d+) steps; true relative "
-        r"residual per task: (?P<residuals>[^)]*)\)\. `I \+ H/lam` showed non-positive curvature "
-        r"at the reference point on (?P<indefinite>\d+) of",
-        conv,
-    )
-    assert match, "gradient_accuracy.md's conv-net header changed"
-    header = match.groupdict()
-    header["norms"] = [float(x) for x in header["norms"].split(",")]
-    header["residuals"] = [float(x) for x in header["residuals"].split(",")]
-    return header
-
-
 def _below(quoted, value):
     """Whether `quoted` is the tightest bound above `value` at its printed precision (< 5e-8)."""
     return float(quoted) - _unit(quoted) <= value < float(quoted)
@@ -553,21 +529,34 @@ def test_study1_tanh_step01_results_row_and_relu_lbfgs():
         200,
     )
     assert min(everything) == min(mean("imaml", k, c=5) for k in ks)  # "closest"
-    # ReLU net, 300 L-BFGS iterations, shipped and random weights.
-    relu = _md("gradient_accuracy/relu_lbfgs/gradient_accuracy.md")
-    sections = relu.split("### Omniglot conv net")[1:]
-    headers = [_conv_header(section) for section in sections]
-    assert sorted(h["weights"] for h in headers) == ["pretrained", "random"]
-    assert all(h["activation"] == "relu" for h in headers)
-    (iterations,) = {int(h["iterations"]) for h in headers}
-    norms = [x for h in headers for x in h["norms"]]
+    # ReLU net, 300 L-BFGS iterations, shipped and random weights (relu_lbfgs/).
+    relu = _json("gradient_accuracy/relu_lbfgs/gradient_accuracy.json")
+    assert relu["config"]["activation"] == "relu"
+    assert relu["config"]["weights"] == ["pretrained", "random"]
+    refs = {w: relu["problems"][f"conv_{w}"]["reference"] for w in ("pretrained", "random")}
+    (iterations,) = {r["trajectory"][-1]["inner_steps"] for r in refs.values()}
+    assert iterations == f"L-BFGS {relu['config']['reference_inner_steps']}"
+    norms = [x for r in refs.values() for x in r["inner_grad_norm"]]
     _check(
         text,
         "{} float64 L-BFGS iterations stall too (‖∇G‖ {} to {},",
-        iterations,
+        relu["config"]["reference_inner_steps"],
         min(norms),
         max(norms),
     )
+    readme = _md("gradient_accuracy/README.md")
+    for label, weights in (("shipped (ReLU)", "pretrained"), ("random (ReLU)", "random")):
+        ref = refs[weights]
+        gd16 = next(row for row in ref["trajectory"] if row["inner_steps"] == 16)
+        assert not any(ref["ok"])  # "stalls": no task converged
+        _check(
+            readme,
+            f"| {label} | {{}} | {{}}, {{}}, {{}}, {{}} | {{}} of {{}} tasks |",
+            np.mean(gd16["inner_grad_norm"]),
+            *ref["inner_grad_norm"],
+            sum(ref["negative_curvature"]),
+            relu["config"]["conv_tasks"],
+        )
 
 
 # --- study 2: MAML in float32 against float64 --------------------------------------------------
