@@ -448,7 +448,11 @@ def run(config: Config) -> dict:
     lines = _gradient_lines(config, results["gradient_precision"]) if config.weights else []
 
     # (b) Training in float32 and float64, once per training seed.
-    runs = [train_seed_pair(config, seed, data) for seed in config.train_seeds]
+    runs = (
+        [train_seed_pair(config, seed, data) for seed in config.train_seeds]
+        if config.train_meta_steps
+        else []
+    )
     return _report(config, out_dir, results, lines, runs, start, a_seconds)
 
 
