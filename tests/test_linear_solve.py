@@ -169,3 +169,34 @@ def test_meta_model_steps_at_a_second_meta_batch_size():
     # (an ulp of the largest entries, about 0.3, is 3e-8; measured 1.5e-8).
     for t, got in zip((1, 2), relaxed, strict=True):
         np.testing.assert_allclose(got, step(build(), t), rtol=0, atol=1e-7)
+
+
+def test_a_task_solved_exactly_in_one_step_does_not_fail_beside_a_slower_one():
+    # Task 0's system is 2 I: CG solves it in one step with a residual of exactly 0 (as for
+    # a support set a trained model has memorised, whose float32 Hessian is exactly 0 under
+    # the authors' damping). Task 1's needs several steps. tf.linalg's CG keeps stepping
+    # task 0 until task 1 converges and divides 0 by 0: it reads as failed. The default
+    # solver stops task 0 and solves both; oracle np.linalg.solve.
+    rng = np.random.default_rng(3)
+    n = 6
+    m = rng.normal(size=(n, n))
+    a = np.stack([2.0 * np.eye(n), m @ m.T + 0.5 * np.eye(n)]).astype(np.float32)
+    b = [tf.constant(rng.normal(size=(2, n)).astype(np.float32))]
+    a_t = tf.constant(a)
+
+    def matvec(v):
+        return tree.unflatten_tasks(tf.einsum("tij,tj->ti", a_t, tree.flatten_tasks(v)), v)
+
+    want = np.linalg.solve(a.astype(np.float64), b[0].numpy().astype(np.float64)[..., None])
+    default = tf_imaml.CG(steps=10)
+    assert default.implementation == "cg"
+    result = linear_solve.LINEAR_SOLVERS[default.implementation](
+        matvec, b, tol=1e-10, max_iter=default.steps
+    )
+    np.testing.assert_array_equal(result.failed.numpy(), [False, False])
+    np.testing.assert_allclose(result.solution[0].numpy(), want[..., 0], rtol=1e-4, atol=1e-5)
+    assert result.relative_residual.numpy()[0] == 0.0  # the exact one-step solve
+    # tf.linalg's CG on the same systems: task 0 ends NaN and failed, task 1 is solved.
+    with_tf = linear_solve.solve_cg_tf(matvec, b, tol=1e-10, max_iter=10)
+    np.testing.assert_array_equal(with_tf.failed.numpy(), [True, False])
+    assert not np.isfinite(with_tf.solution[0].numpy()[0]).all()

@@ -55,7 +55,7 @@ class ImplicitMAML(meta_model.MetaLearner):
       inner_solver: A `tf_imaml.ProximalDescent` or `tf_imaml.HessianFree`, or the name of
         one (`"gd"`, `"momentum"`, `"nesterov"`, `"adam"`, `"hessian_free"`).
         Default value: `None` (`ProximalDescent()`: iMAML-GD).
-      linear_solver: A `tf_imaml.CG`, or `"cg_tf"`/`"cg"` (its `implementation`).
+      linear_solver: A `tf_imaml.CG`, or `"cg"`/`"cg_tf"` (its `implementation`).
         Default value: `None` (`CG()`).
       test_lam: The `lam` of the adaptation outside training (`evaluate`, `predict`,
         `adapt`); `0.0` adapts by plain steps on the support loss, as the authors' test
@@ -136,7 +136,7 @@ class ImplicitMAML(meta_model.MetaLearner):
         )
         cg_shortcuts = (cg_steps, cg_tol, max_residual, damping, lam_damping, hvp_mode)
         self.linear_solver = solvers.linear_solver_from(
-            linear_solver or "cg_tf", dict(zip(solvers.CG_SHORTCUTS, cg_shortcuts, strict=True))
+            linear_solver or "cg", dict(zip(solvers.CG_SHORTCUTS, cg_shortcuts, strict=True))
         )
         if (
             isinstance(curvature_iterations, bool)

@@ -48,7 +48,7 @@ def implicit_meta_gradient(
     query_grads: tree.Params,
     *,
     lam,
-    linear_solver: solvers.CG | str = "cg_tf",
+    linear_solver: solvers.CG | str = "cg",
     max_iter: int | None = None,
     tol: float | None = None,
     max_residual: float | None = None,
@@ -66,7 +66,7 @@ def implicit_meta_gradient(
       linear_solver: A configured `solvers.CG` (which holds `damping`, `lam_damping`, the
         iterations, tolerances and `hvp_mode`), or a name or function of
         `linear_solve.LINEAR_SOLVERS` configured by the shortcuts below.
-        Default value: `"cg_tf"` (`solvers.CG()`).
+        Default value: `"cg"` (`solvers.CG()`).
       max_iter, tol, max_residual, damping, hvp_mode: Shortcuts for the `CG` fields
         `steps`, `tol`, `max_residual`, `damping` and `hvp_mode` when `linear_solver` is a
         name (`solvers.linear_solver_from`). Default value: `None` (`CG`'s defaults).
@@ -159,7 +159,7 @@ def attach_implicit_gradient(
     adapted_params: tree.Params,
     *,
     lam,
-    linear_solver: solvers.CG | str = "cg_tf",
+    linear_solver: solvers.CG | str = "cg",
     on_failure: str = "first_order",
 ) -> tree.Params:
     """Returns `adapted_params` with the implicit gradient `d phi / d theta` attached.
@@ -177,7 +177,7 @@ def attach_implicit_gradient(
       adapted_params: `phi`, like `meta_params`.
       lam: Proximal strength, `> 0`.
       linear_solver: A configured `solvers.CG`, or the name of its implementation.
-        Default value: `"cg_tf"` (`solvers.CG()`).
+        Default value: `"cg"` (`solvers.CG()`).
       on_failure: As in `apply_failure_policy`. Default value: `"first_order"`.
 
     Returns:
@@ -219,7 +219,7 @@ def proximal_adapt(
     lam,
     num_steps,
     optimizer: inner_solvers.InnerOptimizer,
-    linear_solver: solvers.CG | str = "cg_tf",
+    linear_solver: solvers.CG | str = "cg",
     on_failure: str = "first_order",
     max_iter: int | None = None,
 ) -> tuple[tree.Params, inner_solvers.InnerSolveResult]:
@@ -230,7 +230,7 @@ def proximal_adapt(
     Args:
       support_loss_fn, meta_params, lam, num_steps, optimizer: As in
         `inner_solvers.minimize_proximal`.
-      linear_solver: As in `implicit_meta_gradient`. Default value: `"cg_tf"`
+      linear_solver: As in `implicit_meta_gradient`. Default value: `"cg"`
         (`solvers.CG()`).
       on_failure: As in `apply_failure_policy`. Default value: `"first_order"`.
       max_iter: Shortcut for `CG(steps=...)` when `linear_solver` is a name.

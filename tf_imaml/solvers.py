@@ -120,8 +120,11 @@ class CG(_Config):
         first-order one. Default value: `0.0`.
       hvp_mode: How `H v` is formed: `"linearized"`, `"reverse_over_reverse"` or
         `"forward_over_reverse"` (`tf_imaml.hvp`). Default value: `"linearized"`.
-      implementation: `"cg_tf"` (`tf.linalg`'s CG, `linear_solve.solve_cg_tf`) or `"cg"`
-        (ours, per-task stopping, `linear_solve.solve_cg`). Default value: `"cg_tf"`.
+      implementation: `"cg"` (ours, per-task stopping, `linear_solve.solve_cg`) or
+        `"cg_tf"` (`tf.linalg`'s CG, `linear_solve.solve_cg_tf`). Default value: `"cg"`:
+        `tf.linalg`'s batch keeps stepping a task that has converged, and a task whose
+        residual reaches exactly 0 (its Hessian is exactly 0, as for a support loss a trained
+        model has memorised) then divides 0 by 0 and reads as a failed solve.
 
     Raises:
       ValueError: For a field out of range, naming it.
@@ -133,7 +136,7 @@ class CG(_Config):
     damping: float = 0.0
     lam_damping: float = 0.0
     hvp_mode: str = DEFAULT_HVP_MODE
-    implementation: str = "cg_tf"
+    implementation: str = "cg"
 
     _CHECKS: ClassVar[dict] = dict(
         steps=functools.partial(_check_int, 0),
@@ -347,7 +350,7 @@ def _fields(kind: str, solver, cls, shortcuts: dict[str, Any], names: dict[str, 
     return {names[name]: value for name, value in given.items()}
 
 
-def linear_solver_from(linear_solver: CG | str = "cg_tf", shortcuts: dict | None = None) -> CG:
+def linear_solver_from(linear_solver: CG | str = "cg", shortcuts: dict | None = None) -> CG:
     """A `CG` from a configured one, or from a name and keyword shortcuts.
 
     Args:
