@@ -294,7 +294,8 @@ def test_metrics_reach_tensorboard_event_files(tmp_path):
     ):
         assert len(train.get(f"epoch_{name}", [])) == 2, (name, sorted(train))
         assert len(train.get(f"batch_{name}", [])) == 4, (name, sorted(train))
-    assert train["epoch_solver_iterations"] == [2.0, 2.0]  # cg_steps=2, tol never reached
+    # cg_steps=2 at most; a task may stop after one on reaching tol (per-task CG).
+    assert all(1.0 <= x <= 2.0 for x in train["epoch_solver_iterations"])
     # This tiny random net has negative curvature below -lam on some tasks: 0 <= f <= 1.
     assert all(0.0 <= f <= 1.0 for f in train["epoch_failed_fraction"])
     validation = _read_scalars(tmp_path / "validation")
