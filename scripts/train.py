@@ -75,6 +75,14 @@ flags.DEFINE_integer("inner_steps", 16, "Inner steps.", lower_bound=0)
 flags.DEFINE_float("inner_learning_rate", 0.1, "Inner step size.")
 flags.DEFINE_float("lam", 2.0, "iMAML proximal strength lambda.")
 flags.DEFINE_integer("cg_steps", 5, "iMAML conjugate-gradient steps.", lower_bound=1)
+flags.DEFINE_enum(
+    "cg_implementation",
+    None,
+    ["cg", "cg_tf"],
+    "iMAML: the CG solver, per task (cg) or tf.linalg's (cg_tf, which can mark a task that "
+    "converged exactly as failed; see docs/api.md); default: the library's (cg), or with "
+    "--init_model the model's.",
+)
 flags.DEFINE_float(
     "damping",
     0.0,
@@ -121,8 +129,9 @@ flags.DEFINE_string(
     "init_model",
     None,
     "A saved .keras model to continue. Its algorithm and settings hold; of the meta-learner's "
-    "flags, --inner_steps, --inner_learning_rate and --test_lam given on the command line are "
-    "applied, and any other that differs from the model's value is an error.",
+    "flags, --inner_steps, --inner_learning_rate, --test_lam and --cg_implementation given on "
+    "the command line are applied, and any other that differs from the model's value is an "
+    "error.",
 )
 flags.DEFINE_float(
     "init_learning_rate",
@@ -173,6 +182,7 @@ class TrainConfig:
     inner_learning_rate: float = 0.1
     lam: float = 2.0
     cg_steps: int = 5
+    cg_implementation: str | None = None  # None: tf_imaml.CG's default, or --init_model's.
     damping: float = 0.0
     lam_damping: float = 0.0
     inner_loop: str = "proximal"
@@ -245,6 +255,7 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
             learner,
             lam=config.lam,
             cg_steps=config.cg_steps,
+            linear_solver=config.cg_implementation,
             damping=config.damping,
             lam_damping=config.lam_damping,
             inner_loop=config.inner_loop,
@@ -262,7 +273,7 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
 # given on the command line is applied if the model can change it after training
 # (`ADJUSTABLE_FLAGS`), and otherwise refused when it differs from the model's value, instead
 # of being silently ignored.
-ADJUSTABLE_FLAGS = ("inner_steps", "inner_learning_rate", "test_lam")
+ADJUSTABLE_FLAGS = ("inner_steps", "inner_learning_rate", "test_lam", "cg_implementation")
 MODEL_FLAGS = ADJUSTABLE_FLAGS + (
     "algorithm",
     "lam",
@@ -289,6 +300,7 @@ def model_settings(meta: tf_imaml.meta_model.MetaLearner) -> dict:
             "algorithm": "imaml_hf" if hessian_free else "imaml",
             "lam": cfg["lam"],
             "cg_steps": solver.get("steps"),
+            "cg_implementation": solver.get("implementation"),
             "damping": solver.get("damping"),
             "lam_damping": solver.get("lam_damping"),
             "inner_loop": cfg["inner_solver"]["config"].get("loop"),
@@ -331,7 +343,10 @@ def apply_given_flags(meta, config: TrainConfig, given) -> list[str]:
         old, new = settings[name], getattr(config, name)
         if old == new:
             continue
-        if name in ADJUSTABLE_FLAGS:
+        if name == "cg_implementation":
+            meta.linear_solver = dataclasses.replace(meta.linear_solver, implementation=new)
+            applied.append(f"{name}: {old} -> {new}")
+        elif name in ADJUSTABLE_FLAGS:
             setattr(meta, name, new)
             applied.append(f"{name}: {old} -> {new}")
         else:

@@ -144,14 +144,18 @@ def test_a_continued_run_applies_or_refuses_the_meta_learners_flags(
         *[f for f in flags if not f.startswith("--inner_steps")],
         "--inner_steps=3",
         "--test_lam=0.5",
+        "--cg_implementation=cg_tf",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--init_model: inner_steps: 2 -> 3 (from the command line)" in proc.stdout
     assert "--init_model: test_lam: None -> 0.5 (from the command line)" in proc.stdout
+    assert "--init_model: cg_implementation: cg -> cg_tf (from the command line)" in proc.stdout
     import keras
 
     model = keras.models.load_model(tmp_path / "second" / "model.keras")
     assert model.inner_steps == 3 and model.test_lam == 0.5
+    assert model.linear_solver.implementation == "cg_tf"  # trained, and saved, with it
+    assert keras.models.load_model(first).linear_solver.implementation == "cg"  # the default
     # A setting fixed by the trained model is refused, naming it, before any training.
     proc = train(f"--logdir={tmp_path / 'third'}", f"--init_model={first}", *flags, "--damping=1")
     assert proc.returncode != 0
