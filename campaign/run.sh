@@ -14,19 +14,25 @@
 #   4b exp_k4_lr1e-4   Adam 1e-4 from 7700, 4 inner steps: it learns as well per meta-step
 #                      at about 1.8 times the speed, so it is the line that goes on (stopped
 #                      at 11,550, validation flat from 8000 on)
-#   5 stage5_lr3e-5    stage 4b's final model, Adam 3e-5 from 11,550, 4 inner steps
-# `campaign/run.sh` runs stage 5; `STAGE=4 campaign/run.sh` or `STAGE=4b ...` resumes those.
+#   5 stage5_lr3e-5    stage 4b's final model, Adam 3e-5 from 11,550, 4 inner steps (stopped
+#                      at 13,850)
+#   6 stage6_cg        stage 5's final model, the same, but with the per-task CG
+#                      (--cg_implementation=cg): the earlier stages ran tf.linalg's, which
+#                      marks tasks that converged exactly as failed (campaign/README.md)
+# `campaign/run.sh` runs stage 6; `STAGE=4 campaign/run.sh` (or 4b, 5) resumes another.
 # Progress: <stage folder>/{train.log,curve.json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 campaign=campaign/omniglot_5way_1shot
 # stage: its folder, the folder of the model it continues, inner steps, Adam step, first batch
-case "${STAGE:-5}" in
+solver=()  # stages before 6 keep their model's solver (and their recorded flags)
+case "${STAGE:-6}" in
   4) dir=stage4_lr1e-4 previous=stage3_lr3e-4 inner_steps=16 lr=1e-4 first=7700 ;;
   4b) dir=exp_k4_lr1e-4 previous=stage3_lr3e-4 inner_steps=4 lr=1e-4 first=7700 ;;
   5) dir=stage5_lr3e-5 previous=exp_k4_lr1e-4 inner_steps=4 lr=3e-5 first=11550 ;;
-  *) echo "STAGE must be 4, 4b or 5, got '$STAGE'" >&2; exit 2 ;;
+  6) dir=stage6_cg previous=stage5_lr3e-5 inner_steps=4 lr=3e-5 first=13850 solver=(--cg_implementation=cg) ;;
+  *) echo "STAGE must be 4, 4b, 5 or 6, got '$STAGE'" >&2; exit 2 ;;
 esac
 dir=$campaign/$dir previous=$campaign/$previous
 mkdir -p "$dir"
@@ -34,6 +40,6 @@ exec nice -n 10 "$python" scripts/train.py --ways=5 --shots=1 --queries=15 \
   --meta_batch_size=16 --inner_steps="$inner_steps" --inner_learning_rate=0.1 --lam=2.0 \
   --cg_steps=5 --outer_learning_rate=3e-3 --meta_steps=${META_STEPS:-20000} \
   --steps_per_epoch=50 --val_tasks=200 --test_tasks=600 --seed=0 \
-  --damping=1 --lam_damping=10 --inner_loop=pull_back --test_lam=0 \
+  --damping=1 --lam_damping=10 --inner_loop=pull_back --test_lam=0 ${solver[@]+"${solver[@]}"} \
   --init_model="$previous/final.keras" --init_learning_rate="$lr" --first_meta_batch="$first" \
   --logdir="$dir" >>"$dir/train.log" 2>&1
