@@ -397,7 +397,9 @@ def plot(precision: dict, training: dict | None, config: Config):
 
 
 def _gradient_lines(config: Config, precision: dict) -> list[str]:
-    """Part (a)'s Markdown."""
+    """Part (a)'s Markdown (none when part (a) did not run)."""
+    if not precision:
+        return []
     lines = [
         "### (a) Rounding error of the meta-gradient: float32 against float64",
         "",
@@ -445,7 +447,7 @@ def run(config: Config) -> dict:
             config, tasks, initial_weights(config, weights), weights
         )
     a_seconds = time.time() - start
-    lines = _gradient_lines(config, results["gradient_precision"]) if config.weights else []
+    lines = _gradient_lines(config, results["gradient_precision"])
 
     # (b) Training in float32 and float64, once per training seed.
     runs = (
@@ -494,7 +496,7 @@ def training_summary(runs: list[dict]) -> dict:
 def _report(config, out_dir, results, lines, runs, start, a_seconds) -> dict:
     """Adds part (b)'s `runs` to `results` and `lines`; writes the Markdown, JSON and PNG."""
     training = None
-    if config.train_meta_steps and runs:
+    if runs:
         summary = training_summary(runs)
         training = {"runs": runs, "summary": summary}
         results["training"] = training
@@ -625,7 +627,7 @@ def merge(paths: list[str], output_dir: str) -> dict:
         "gradient_precision": source["gradient_precision"],
         "merged_from": list(paths),
     }
-    lines = _gradient_lines(config, source["gradient_precision"]) if config.weights else []
+    lines = _gradient_lines(config, source["gradient_precision"])
     for name, part in zip(paths, parts, strict=True):
         lines.append(
             f"Merged from `{name}` (training seeds {[r['seed'] for r in _runs(part)]}, "
