@@ -4,9 +4,14 @@ By default it evaluates the shipped pretrained iMAML model (`omniglot_5way_1shot
 `tf_imaml/pretrained/`) on 600 test tasks of the Vinyals split. `--model` is a `.keras` file
 or a shipped model's name (`tf_imaml.pretrained.names()`).
 
+The test-time adaptation is the model's own unless a flag changes it: `--inner_steps`,
+`--inner_learning_rate`, and for iMAML `--test_lam` and `--inner_loop` (`proximal`: gradient
+steps on the proximal objective; `pull_back`: plain steps, then one proximal pull-back step,
+the authors' loop). The result JSON records the adaptation used.
+
 Usage:
   python scripts/evaluate.py [--model=runs/omniglot/model.keras] [--tasks=600] \\
-      [--inner_steps=16] [--output=results.json]
+      [--inner_steps=16] [--test_lam=2] [--inner_loop=proximal] [--output=results.json]
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ flags.DEFINE_float(
     "iMAML: lam of the test-time adaptation (0: plain fine-tuning); default: the model's.",
     lower_bound=0.0,
 )
+flags.DEFINE_float(
+    "inner_learning_rate",
+    None,
+    "Inner step size at test time (default: the model's).",
+    lower_bound=0.0,
+)
+flags.DEFINE_enum(
+    "inner_loop",
+    None,
+    list(tf_imaml.solvers.INNER_LOOPS),
+    "iMAML: the test-time inner loop (proximal: steps on the proximal objective; pull_back: "
+    "plain steps, then one proximal pull-back step); default: the model's.",
+)
 flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
 flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
 flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
@@ -54,6 +72,8 @@ class EvalConfig:
     tasks: int = 600
     inner_steps: int | None = None
     test_lam: float | None = None
+    inner_learning_rate: float | None = None
+    inner_loop: str | None = None
     shots: int = 1
     queries: int = 15
     split: str = "vinyals"
@@ -77,17 +97,48 @@ def model_file(model: str) -> pathlib.Path:
     raise ValueError(f"--model {model} is not a file nor a shipped model ({shipped})")
 
 
+class AdaptationFlagError(ValueError):
+    """A test-time adaptation flag that the loaded model cannot take."""
+
+
+def set_adaptation(meta, config: EvalConfig) -> None:
+    """Applies the test-time adaptation flags given in `config` to a loaded meta-learner.
+
+    Raises:
+      AdaptationFlagError: If `--inner_learning_rate` is not positive, `--test_lam` or
+        `--inner_loop` is given for a model without a proximal term, or `--inner_loop` for
+        an iMAML whose inner solver has no loop (iMAML-HF).
+    """
+    name = type(meta).__name__
+    if config.inner_learning_rate is not None and not config.inner_learning_rate > 0:
+        raise AdaptationFlagError(
+            f"--inner_learning_rate must be > 0, got {config.inner_learning_rate}"
+        )
+    if config.test_lam is not None and not hasattr(meta, "test_lam"):
+        raise AdaptationFlagError(f"--test_lam: a {name} has no proximal term")
+    if config.inner_loop is not None and not isinstance(
+        getattr(meta, "inner_solver", None), tf_imaml.ProximalDescent
+    ):
+        solver = type(getattr(meta, "inner_solver", None)).__name__
+        raise AdaptationFlagError(
+            f"--inner_loop: a {name} has no proximal inner loop"
+            + (f" (its inner solver is {solver})" if hasattr(meta, "inner_solver") else "")
+        )
+    if config.inner_steps is not None:
+        meta.inner_steps = config.inner_steps
+    if config.inner_learning_rate is not None:
+        meta.inner_learning_rate = config.inner_learning_rate
+    if config.test_lam is not None:
+        meta.test_lam = config.test_lam
+    if config.inner_loop is not None:
+        meta.inner_solver = dataclasses.replace(meta.inner_solver, loop=config.inner_loop)
+    meta.make_predict_function(force=True)
+
+
 def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
     """Loads the model, adapts it to `config.tasks` tasks and scores their query sets."""
     meta = keras.models.load_model(str(model_file(config.model)))
-    if config.inner_steps is not None:
-        meta.inner_steps = config.inner_steps
-    if config.test_lam is not None:
-        if not hasattr(meta, "test_lam"):
-            raise ValueError(f"--test_lam: {type(meta).__name__} has no proximal term")
-        meta.test_lam = config.test_lam
-    if config.inner_steps is not None or config.test_lam is not None:
-        meta.make_predict_function(force=True)
+    set_adaptation(meta, config)
     ways = int(meta.learner.outputs[0].shape[-1])
     size = int(meta.learner.inputs[0].shape[1])
     data = tf_imaml.datasets.load_omniglot(
@@ -114,7 +165,9 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         "non_finite_tasks": accuracy.non_finite,
         "ways": ways,
         "inner_steps": meta.inner_steps,
+        "inner_learning_rate": float(meta.inner_learning_rate),
         "test_lam": getattr(meta, "test_lam", None),
+        "inner_loop": getattr(getattr(meta, "inner_solver", None), "loop", None),
         "config": dataclasses.asdict(config),
     }
     if config.output:
@@ -129,7 +182,10 @@ def main(argv):
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     # A progress bar redrawn in place only makes sense on a terminal; a log gets one line.
-    result = evaluate(config, verbose=1 if sys.stdout.isatty() else 2)
+    try:
+        result = evaluate(config, verbose=1 if sys.stdout.isatty() else 2)
+    except AdaptationFlagError as error:
+        raise app.UsageError(str(error)) from None
     print(
         f"{pathlib.Path(config.model).name}: Omniglot {result['ways']}-way {config.shots}-shot "
         f"{config.subset} accuracy {100 * result['accuracy']:.2f} +- "

@@ -70,3 +70,51 @@ def test_model_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
     assert evaluate.model_file("omniglot_5way_1shot") == pathlib.Path("omniglot_5way_1shot")
     with pytest.raises(ValueError, match=r"omniglot_5way is not a file nor .*omniglot_5way_1shot"):
         evaluate.model_file("omniglot_5way")
+
+
+@pytest.mark.slow
+def test_adaptation_flags_change_the_adaptation_and_are_recorded(tmp_path, run_script):
+    # The shipped model was trained with the authors' loop (plain steps, one pull-back); the
+    # proximal loop at lam 2 keeps it near theta, whose predictions are poor. Measured on
+    # these 20 tasks: 95.6% against 84.9%, the same tasks for both (seed 2).
+    results = {}
+    for loop in ("pull_back", "proximal"):
+        out = tmp_path / f"{loop}.json"
+        proc = run_script(
+            "evaluate.py",
+            "--tasks=20",
+            "--test_lam=2",
+            f"--inner_loop={loop}",
+            "--inner_learning_rate=0.1",
+            "--inner_steps=4",
+            f"--output={out}",
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[loop] = json.loads(out.read_text())
+    for loop, result in results.items():
+        assert result["inner_loop"] == loop and result["test_lam"] == 2.0
+        assert result["inner_steps"] == 4 and result["inner_learning_rate"] == 0.1
+    assert results["pull_back"]["accuracy"] > results["proximal"]["accuracy"] + 0.05, results
+
+
+@pytest.mark.slow
+def test_adaptation_flags_the_model_cannot_take_are_clear_errors(tmp_path, run_script):
+    import keras
+
+    import tf_imaml
+
+    learner = tf_imaml.models.conv4_classifier(5, input_shape=(28, 28, 1), filters=4)
+    maml = tf_imaml.MAML(learner, inner_steps=1, inner_learning_rate=0.1)
+    maml.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    maml.save(tmp_path / "maml.keras")
+    for flag, message in [
+        ("--inner_loop=proximal", "--inner_loop: a MAML has no proximal inner loop"),
+        ("--test_lam=1", "--test_lam: a MAML has no proximal term"),
+        ("--inner_learning_rate=0", "--inner_learning_rate must be > 0, got 0.0"),
+    ]:
+        proc = run_script("evaluate.py", f"--model={tmp_path / 'maml.keras'}", flag, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, (flag, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
