@@ -1,8 +1,10 @@
 """Evaluates a saved meta-learner on held-out Omniglot tasks: accuracy +- 95% CI.
 
 By default it evaluates the shipped pretrained iMAML model (`omniglot_5way_1shot`, in
-`tf_imaml/pretrained/`) on 600 test tasks of the Vinyals split. `--model` is a `.keras` file
-or a shipped model's name (`tf_imaml.pretrained.names()`).
+`tf_imaml/pretrained/`) on 600 test tasks of the Vinyals split, each with as many query
+images per class as support images (`--queries`, default `--shots`): the protocol of MAML's and
+the iMAML authors' Omniglot code. `--model` is a `.keras` file or a shipped model's name
+(`tf_imaml.pretrained.names()`).
 
 The test-time adaptation is the model's own unless a flag changes it: `--inner_steps`,
 `--inner_learning_rate`, and for iMAML `--test_lam` and `--inner_loop` (`proximal`: gradient
@@ -58,7 +60,14 @@ flags.DEFINE_enum(
     "plain steps, then one proximal pull-back step); default: the model's.",
 )
 flags.DEFINE_integer("shots", 1, "Support examples per class.", lower_bound=1)
-flags.DEFINE_integer("queries", 15, "Query examples per class.", lower_bound=1)
+flags.DEFINE_integer(
+    "queries",
+    None,
+    "Query examples per class (default: --shots, the protocol of MAML's and the iMAML "
+    "authors' Omniglot code). The conv nets normalise by the statistics of the batch they "
+    "see, so the size of the query batch changes the accuracy.",
+    lower_bound=1,
+)
 flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
 flags.DEFINE_enum("subset", "test", ["train", "val", "test"], "Which classes.")
 flags.DEFINE_string("data_dir", None, "Omniglot .npz (default: the shipped copy).")
@@ -75,7 +84,7 @@ class EvalConfig:
     inner_learning_rate: float | None = None
     inner_loop: str | None = None
     shots: int = 1
-    queries: int = 15
+    queries: int | None = None  # None: as many as shots.
     split: str = "vinyals"
     subset: str = "test"
     data_dir: str | None = None
@@ -141,6 +150,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
     set_adaptation(meta, config)
     ways = int(meta.learner.outputs[0].shape[-1])
     size = int(meta.learner.inputs[0].shape[1])
+    queries = config.shots if config.queries is None else config.queries
     data = tf_imaml.datasets.load_omniglot(
         config.subset, split=config.split, image_size=size, path=config.data_dir
     )
@@ -150,7 +160,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         data.labels,
         ways=ways,
         shots=config.shots,
-        queries=config.queries,
+        queries=queries,
         meta_batch_size=batch,
         seed=config.seed,
         rotations=(0, 90, 180, 270),
@@ -164,6 +174,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         "tasks": accuracy.num_tasks,
         "non_finite_tasks": accuracy.non_finite,
         "ways": ways,
+        "queries": queries,
         "inner_steps": meta.inner_steps,
         "inner_learning_rate": float(meta.inner_learning_rate),
         "test_lam": getattr(meta, "test_lam", None),
@@ -190,7 +201,8 @@ def main(argv):
         f"{pathlib.Path(config.model).name}: Omniglot {result['ways']}-way {config.shots}-shot "
         f"{config.subset} accuracy {100 * result['accuracy']:.2f} +- "
         f"{100 * result['ci95']:.2f}% over {result['tasks']} tasks "
-        f"({result['inner_steps']} inner steps)"
+        f"({result['queries']} {'query' if result['queries'] == 1 else 'queries'} per class, "
+        f"{result['inner_steps']} inner steps)"
     )
     if result["non_finite_tasks"]:
         print(

@@ -26,6 +26,7 @@ def test_shipped_model_is_far_above_chance(tmp_path, run_script):
     result = json.loads(out.read_text())
     # Chance is 20% for 5 ways; a meta-trained model is far above it on unseen characters.
     assert result["accuracy"] > 0.7 and result["tasks"] == 40
+    assert result["queries"] == 1 and "(1 query per class, 16 inner steps)" in proc.stdout
     assert result["non_finite_tasks"] == 0 and "WARNING" not in proc.stdout
 
 
