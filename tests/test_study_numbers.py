@@ -1311,6 +1311,45 @@ def test_study5_failure_map():
     assert guard["message"].startswith(f"epoch {len(guard['epochs'])}:")
 
 
+def test_study5_proximal_adaptation_of_the_shipped_model():
+    own, short, long = (
+        _json(f"failures/proximal_adaptation/{name}.json")
+        for name in ("own", "proximal_4_steps", "proximal")
+    )
+    for result in (own, short, long):
+        # One model, the same 600 test tasks (seed 2), 15 queries, lam 2, step 0.1.
+        assert result["config"]["model"] == "omniglot_5way_1shot" and result["tasks"] == 600
+        assert result["config"]["seed"] == 2 and result["queries"] == 15
+        assert result["test_lam"] == 2.0 and result["inner_learning_rate"] == 0.1
+    assert own["inner_loop"] == "pull_back" and own["inner_steps"] == 16
+    assert short["inner_loop"] == long["inner_loop"] == "proximal"
+    text = _section(5)
+    _check(
+        text,
+        "scores {} +- {}% on 600 test\n  tasks ({} query images per class) with its own "
+        "adaptation, {} plain steps of {} and one\n  pull-back at lam {}.",
+        *_acc_of(own),
+        own["queries"],
+        own["inner_steps"],
+        own["inner_learning_rate"],
+        own["test_lam"],
+    )
+    _check(
+        text,
+        "it scores {} +- {}% after {}\n  steps and {} +- {}% after {}:",
+        *_acc_of(short),
+        short["inner_steps"],
+        *_acc_of(long),
+        long["inner_steps"],
+    )
+    assert own["accuracy"] > short["accuracy"] > long["accuracy"]  # "the nearer ..., the worse"
+
+
+def _acc_of(evaluation):
+    """`scripts/evaluate.py --output` JSON: accuracy and its 95% interval, in percent."""
+    return _pct(evaluation["accuracy"]), _pct(evaluation["ci95"])
+
+
 def _acc(run):
     return _pct(run["test_accuracy"]), _pct(run["test_ci95"])
 
