@@ -927,6 +927,7 @@ def test_study3_findings():
 
 AS = _json("assumptions/authors64/study_assumptions.json")
 AS_MI = _json("assumptions/mini_imagenet/study_assumptions.json")
+AS_NOW = _json("assumptions/shipped10350/study_assumptions.json")  # the model shipped at 10,350
 MI = _json("mini_imagenet/mini_imagenet.json")
 MI40 = _json("mini_imagenet/40_steps/mini_imagenet.json")
 
@@ -1030,7 +1031,7 @@ def test_study4_table_and_eigenvalues():
     authors = [n for lam in small for n in counts("num_indefinite_authors", lam)]
     _check(
         text,
-        "for lam <= {}:** at most {} of {} tasks indefinite at any checkpoint, against {} to {} "
+        "for lam <= {}:** at most {} of {} tasks indefinite at any of these checkpoints, against {} to {} "
         "for `I + H/lam` at lam = {}. The identity term alone (`2I + H/lam`) leaves {} to {} of "
         "{} indefinite at lam = {};",
         2,
@@ -1148,11 +1149,51 @@ def test_study4_mini_imagenet():
     _check(text, "Hessian-Lipschitz estimates are {} to {} (median)", min(medians), max(medians))
 
 
+def test_study4_at_the_model_shipped_now():
+    config = AS_NOW["config"]
+    assert config["train_steps"] == 0 and config["num_tasks"] == AS["config"]["num_tasks"]
+    assert config["pretrained"].endswith("tf_imaml/pretrained/omniglot_5way_1shot.keras")
+    # "its `init` rows repeat the table's": the same seed, tasks and Lanczos start.
+    keys = ("num_indefinite", "num_indefinite_damped", "num_indefinite_authors")
+    for lam in config["lams"]:
+        assert [_row(AS_NOW, "init", lam)[k] for k in keys] == [
+            _row(AS, "init", lam)[k] for k in keys
+        ]
+    text = _section(4)
+    n = config["num_tasks"]
+    at = {lam: [_row(AS_NOW, "shipped", lam)[k] for k in keys] for lam in (2.0, 1.0, 0.5)}
+    _check(
+        text,
+        "At lam = {}, `I + H/lam` is indefinite for {} of {} tasks, `2I + H/lam` for {} and the\n"
+        "  authors' `2I + H/(lam + 10)` for {}; at lam = {}, {}, {} and {}; at lam = {}, {}, {} and "
+        "{}. The\n  median largest Hessian eigenvalue at lam = {} is {}.",
+        2,
+        at[2.0][0],
+        n,
+        *at[2.0][1:],
+        1,
+        *at[1.0],
+        0.5,
+        *at[0.5],
+        2,
+        _row(AS_NOW, "shipped", 2.0)["median_hessian_max_eig"],
+    )
+    _check(text, "the authors' damping leaves {} of {} systems\n  indefinite there.", at[2.0][2], n)
+    assert config["output_dir"] == "docs/studies/assumptions/shipped10350"
+
+
 def test_study4_short_answer_and_results_row():
     config = AS["config"]
+    # Every checkpoint measured: the three of the table and the model shipped now.
     at2 = [_row(AS, c, 2.0)["num_indefinite"] for c in CHECKPOINTS]
+    at2.append(_row(AS_NOW, "shipped", 2.0)["num_indefinite"])
     after50 = [row["num_indefinite"] for row in _rows(AS, "imaml_step50")]
-    authors = [row["num_indefinite_authors"] for row in AS["rows"] if row["lam"] <= 2]
+    authors = [
+        row["num_indefinite_authors"]
+        for data in (AS, AS_NOW)
+        for row in data["rows"]
+        if row["lam"] <= 2
+    ]
     n = config["num_tasks"]
     _check(
         _short_answer(),
@@ -2025,7 +2066,7 @@ def _check_command(script, flags):
 
 def test_commands_in_studies_md_match_their_json():
     commands = _commands(STUDIES)
-    assert len(commands) == 11, commands
+    assert len(commands) == 12, commands
     assert sum(_check_command(script, flags) for script, flags in commands) >= 30
 
 
