@@ -19,7 +19,7 @@
 #   6 stage6_cg        stage 5's final model, the same, but with the per-task CG
 #                      (--cg_implementation=cg): the earlier stages ran tf.linalg's, which
 #                      marks tasks that converged exactly as failed (campaign/README.md)
-#   7 stage7_q1         stage 6's final model trained and validated with the authors' task
+#   7 stage7_q1        stage 6's final model trained and validated with the authors' task
 #                      shape: 1 query per class (their `num_inst`) and meta-batch 32, Adam 1e-4,
 #                      validation on 600 tasks adapted as the shipped model is (lam 2). With
 #                      transductive batch statistics a query batch of one image per class
@@ -32,7 +32,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 campaign=campaign/omniglot_5way_1shot
-# stage: its folder, the folder of the model it continues, inner steps, Adam step, first batch
+# stage: its folder, the folder of the model it continues, inner steps, Adam step, first batch,
+# and the flags that differ from the earlier stages'
 solver=()  # stages before 6 keep their model's solver (and their recorded flags)
 queries=15 batch=16 val_tasks=200 test_lam=0  # stages before 7
 case "${STAGE:-7}" in

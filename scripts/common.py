@@ -1,6 +1,8 @@
 """What the example apps (train, evaluate, sinusoid, demo, compare_recipes) share.
 
 - `config_from_flags`: the parsed absl flags, read once into the app's frozen config.
+- `SETTINGS`: how a loaded meta-learner takes a setting changed after training
+  (`train.py --init_model`, `evaluate.py`'s test-time flags).
 - `validation_curve`: the validation entries of a run's `curve.json` (written by
   `tf_imaml.callbacks.TimeToAccuracy` in `scripts/train.py`).
 - `accuracy_axes` and `save_figure`: the two panels of validation accuracy that train.py and
@@ -19,6 +21,27 @@ from absl import flags
 
 # The validation metric that curve.json records and the curves plot.
 MONITOR = "val_sparse_categorical_accuracy"
+
+
+def _set(name):
+    return lambda meta, value: setattr(meta, name, value)
+
+
+def _replace(solver, field):
+    # The solvers are frozen dataclasses: swap one for a copy with the field changed.
+    return lambda meta, value: setattr(
+        meta, solver, dataclasses.replace(getattr(meta, solver), **{field: value})
+    )
+
+
+# A meta-learner setting that can change after training -> how to apply it to a loaded model.
+SETTINGS = {
+    "inner_steps": _set("inner_steps"),
+    "inner_learning_rate": _set("inner_learning_rate"),
+    "test_lam": _set("test_lam"),
+    "cg_implementation": _replace("linear_solver", "implementation"),
+    "inner_loop": _replace("inner_solver", "loop"),
+}
 
 
 def config_from_flags(

@@ -119,28 +119,19 @@ def set_adaptation(meta, config: EvalConfig) -> None:
         an iMAML whose inner solver has no loop (iMAML-HF).
     """
     name = type(meta).__name__
+    solver = getattr(meta, "inner_solver", None)
     if config.inner_learning_rate is not None and not config.inner_learning_rate > 0:
         raise AdaptationFlagError(
             f"--inner_learning_rate must be > 0, got {config.inner_learning_rate}"
         )
     if config.test_lam is not None and not hasattr(meta, "test_lam"):
         raise AdaptationFlagError(f"--test_lam: a {name} has no proximal term")
-    if config.inner_loop is not None and not isinstance(
-        getattr(meta, "inner_solver", None), tf_imaml.ProximalDescent
-    ):
-        solver = type(getattr(meta, "inner_solver", None)).__name__
-        raise AdaptationFlagError(
-            f"--inner_loop: a {name} has no proximal inner loop"
-            + (f" (its inner solver is {solver})" if hasattr(meta, "inner_solver") else "")
-        )
-    if config.inner_steps is not None:
-        meta.inner_steps = config.inner_steps
-    if config.inner_learning_rate is not None:
-        meta.inner_learning_rate = config.inner_learning_rate
-    if config.test_lam is not None:
-        meta.test_lam = config.test_lam
-    if config.inner_loop is not None:
-        meta.inner_solver = dataclasses.replace(meta.inner_solver, loop=config.inner_loop)
+    if config.inner_loop is not None and not isinstance(solver, tf_imaml.ProximalDescent):
+        detail = "" if solver is None else f" (its inner solver is {type(solver).__name__})"
+        raise AdaptationFlagError(f"--inner_loop: a {name} has no proximal inner loop{detail}")
+    for setting in ("inner_steps", "inner_learning_rate", "test_lam", "inner_loop"):
+        if getattr(config, setting) is not None:
+            common.SETTINGS[setting](meta, getattr(config, setting))
     meta.make_predict_function(force=True)
 
 

@@ -271,18 +271,10 @@ def build_meta_model(config: TrainConfig, learner: keras.Model) -> tf_imaml.meta
 
 # Flags that define the meta-learner. With --init_model the saved model's values hold; a flag
 # given on the command line is applied if the model can change it after training
-# (`ADJUSTABLE_FLAGS`, each with how to apply it), and otherwise refused when it differs from
-# the model's value, instead of being silently ignored.
-ADJUSTABLE_FLAGS = {
-    "inner_steps": lambda meta, value: setattr(meta, "inner_steps", value),
-    "inner_learning_rate": lambda meta, value: setattr(meta, "inner_learning_rate", value),
-    "test_lam": lambda meta, value: setattr(meta, "test_lam", value),
-    # The solver is a frozen dataclass: swap it for a copy with the new implementation.
-    "cg_implementation": lambda meta, value: setattr(
-        meta, "linear_solver", dataclasses.replace(meta.linear_solver, implementation=value)
-    ),
-}
-MODEL_FLAGS = tuple(ADJUSTABLE_FLAGS) + (
+# (`ADJUSTABLE_FLAGS`, applied by `common.SETTINGS`), and otherwise refused when it differs
+# from the model's value, instead of being silently ignored.
+ADJUSTABLE_FLAGS = ("inner_steps", "inner_learning_rate", "test_lam", "cg_implementation")
+MODEL_FLAGS = ADJUSTABLE_FLAGS + (
     "algorithm",
     "lam",
     "cg_steps",
@@ -352,7 +344,7 @@ def apply_given_flags(meta, config: TrainConfig, given) -> list[str]:
         if old == new:
             continue
         if name in ADJUSTABLE_FLAGS:
-            ADJUSTABLE_FLAGS[name](meta, new)
+            common.SETTINGS[name](meta, new)
             applied.append(f"{name}: {old} -> {new}")
         else:
             refused.append(f"--{name}={new} (the model's: {old})")
