@@ -77,11 +77,27 @@ def test_path_is_the_file_in_the_package():
 def test_every_registered_model_ships_its_files(name):
     entry = pretrained.MODELS[name]
     assert entry.file == f"{name}.keras" and entry.description
-    results = json.loads(pretrained.path(name).with_name(f"{name}.results.json").read_text())
-    assert 0.0 < results["test_accuracy"] <= 1.0
+    results = pretrained.results(name)
+    assert results == json.loads(
+        pretrained.path(name).with_name(f"{name}.results.json").read_text()
+    )
+    assert set(pretrained.RESULT_KEYS) <= set(results), set(pretrained.RESULT_KEYS) - set(results)
+    assert 0.0 < results["test_accuracy"] <= 1.0 and 0.0 < results["test_ci95"] < 0.1
+    # A score in the description would go stale when the file is replaced (one did: it said
+    # 78.89% long after the shipped model scored 98%); scores live in results.json only.
+    assert "%" not in entry.description
 
 
-@pytest.mark.parametrize("fn", [pretrained.path, pretrained.load], ids=["path", "load"])
+def test_shipped_5way_results_are_what_evaluate_prints_by_default():
+    # evaluate.py's protocol: as many query images per class as support images (1-shot: 1).
+    results = pretrained.results(NAME)
+    assert results["test_queries_per_class"] == 1 and results["test_tasks"] == 600
+    assert results["queries_15"]["test_accuracy"] < results["test_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "fn", [pretrained.path, pretrained.load, pretrained.results], ids=["path", "load", "results"]
+)
 def test_unknown_name_raises_and_lists_the_names(fn):
     with pytest.raises(ValueError, match=r"'omniglot_5way'; available: omniglot_5way_1shot"):
         fn("omniglot_5way")

@@ -4,16 +4,18 @@
 tf_imaml.pretrained.names()                       # ['omniglot_5way_1shot']
 meta = tf_imaml.pretrained.load("omniglot_5way_1shot")
 logits = meta.predict_on_batch((support_x, support_y, query_x))
+tf_imaml.pretrained.results("omniglot_5way_1shot")["test_accuracy"]  # as evaluate.py scores it
 ```
 
 Each model is a `.keras` file in this package (package data, so it comes with the wheel),
 beside `<name>.results.json` (its test accuracy and training command) and described in
-`README.md` here. Shipping another model takes its file and one line in `MODELS`.
+`README.md` here. Shipping another model takes its files and one line in `MODELS`.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import json
 import pathlib
 from typing import NamedTuple
 
@@ -28,13 +30,14 @@ class ShippedModel(NamedTuple):
     """One shipped model: its file in this package and what it was trained for."""
 
     file: str  # File name in `tf_imaml/pretrained/`.
-    description: str  # Dataset, ways, shots, class split (and how well it does).
+    description: str  # Dataset, ways, shots, class split and algorithm; scores: `results`.
 
 
-# The registry: one line per shipped model, name -> file and description.
+# The registry: one line per shipped model, name -> file and description. Scores live in the
+# model's results.json only (`results`), so that replacing a model cannot leave one stale here.
 # fmt: off
 MODELS = {
-    "omniglot_5way_1shot": ShippedModel("omniglot_5way_1shot.keras", "Omniglot, 5-way 1-shot, Vinyals split (iMAML-GD, 78.89 +- 1.02% on 600 test tasks)"),
+    "omniglot_5way_1shot": ShippedModel("omniglot_5way_1shot.keras", "Omniglot, 5-way 1-shot, Vinyals split (iMAML, the authors' system)"),
 }
 # fmt: on
 
@@ -84,3 +87,33 @@ def load(name: str) -> keras.Model:
       FileNotFoundError: If the model's file is not installed (see `path`).
     """
     return keras.models.load_model(str(path(name)))
+
+
+# Keys every `<name>.results.json` has: the test score as `scripts/evaluate.py --model=<name>`
+# measures it by default (1 query image per class), and the command that measured it.
+RESULT_KEYS = (
+    "test_accuracy",
+    "test_ci95",
+    "test_tasks",
+    "test_queries_per_class",
+    "meta_steps",
+    "train_seconds",
+    "evaluate_command",
+)
+
+
+def results(name: str) -> dict:
+    """Returns a shipped model's `<name>.results.json`: how it was trained and what it scores.
+
+    Its `test_accuracy` and `test_ci95` (fractions; mean and 95% interval over `test_tasks`
+    test tasks) are what `scripts/evaluate.py --model=<name>` prints, with
+    `test_queries_per_class` query images per class; `evaluate_command` names the flags.
+
+    Raises:
+      ValueError: If `name` is not a shipped model (the message lists those there are).
+      FileNotFoundError: If the model's files are not installed (see `path`).
+    """
+    file = path(name).with_name(f"{name}.results.json")
+    if not file.is_file():
+        raise FileNotFoundError(f"shipped model {name!r}: {file} is missing")
+    return json.loads(file.read_text())
