@@ -930,6 +930,7 @@ AS_MI = _json("assumptions/mini_imagenet/study_assumptions.json")
 AS_NOW = _json("assumptions/shipped10350/study_assumptions.json")  # the model shipped at 10,350
 MI = _json("mini_imagenet/mini_imagenet.json")
 MI40 = _json("mini_imagenet/40_steps/mini_imagenet.json")
+MI5 = _json("mini_imagenet/five_seeds/mini_imagenet.json")  # partial: runs done so far
 
 
 def _rows(data, checkpoint=None, lam=None):
@@ -2066,7 +2067,7 @@ def _check_command(script, flags):
 
 def test_commands_in_studies_md_match_their_json():
     commands = _commands(STUDIES)
-    assert len(commands) == 12, commands
+    assert len(commands) == 13, commands
     assert sum(_check_command(script, flags) for script, flags in commands) >= 30
 
 
@@ -2080,3 +2081,34 @@ def test_lam_sweep_command_matches_its_json():
     ).split()
     assert flags.split() == recorded
     assert _check_command(script, flags) >= 8
+
+
+def test_study7_five_seeds_progress():
+    text = _section(7)
+    config = MI5["config"]
+    runs = len(config["algorithms"]) * len(config["seeds"])
+    done = MI5["records"]
+    assert (len(done), runs) == (1, 20)  # "one run of twenty done"
+    (record,) = done
+    assert (record["algorithm"], record["seed"]) == ("imaml", 0)
+    train, test = record["train_seconds"] / 60, record["test_seconds"] / 60
+    _check(
+        text,
+        "One run costs about {} minutes of training and {}\nof testing",
+        train,
+        test,
+    )
+    _check(text, "the 20\nruns are some {} hours", runs * (train + test) / 60)
+    accuracy = record["accuracy"]
+    _check(
+        text,
+        "seed 0, {} +- {}% on the 600 shared test tasks ({}% adapted by plain GD,\n{}% by "
+        "proximal GD at lam 0.5)",
+        _pct(record["test_accuracy"]),
+        _pct(record["test_ci95"]),
+        _pct(accuracy["lam=0"]),
+        _pct(accuracy["lam=0.5"]),
+    )
+    assert config["eval_lams"] == [0.0, 0.5] and config["test_tasks"] == 600
+    assert min(record["failed_fraction"]) == 1.0  # "100% of its solves failed in every epoch"
+

@@ -152,8 +152,13 @@ def paired_test(a, b) -> PairedResult:
 
 
 def percent(interval: Interval | PairedResult) -> str:
-    """`mean ± half` in percentage points, two decimals (for the Markdown tables)."""
+    """`mean ± half` in percentage points, two decimals (for the Markdown tables).
+
+    A mean of a single value has no interval, and says so instead of showing `± 0.00`.
+    """
     mean = interval.mean if isinstance(interval, Interval) else interval.mean_difference
+    if isinstance(interval, Interval) and interval.num == 1:
+        return f"{100 * mean:.2f} (one value, no interval)"
     return f"{100 * mean:.2f} ± {100 * interval.half_width:.2f}"
 
 

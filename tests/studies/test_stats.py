@@ -120,3 +120,11 @@ def test_adaptation_summaries_and_comparisons_pair_arms_adaptation_by_adaptation
     assert cells[1] == "—" and cells[0] == study.percent(
         study.Interval(**arms["a"][own]["seed_interval"])
     )
+
+
+def test_percent_of_a_single_value_says_it_has_no_interval(study):
+    # One seed (or one task) has no t interval: the table must not print "± 0.00", which a
+    # reader would take for a measured, exact figure.
+    assert study.percent(study.t_interval([0.2701])) == "27.01 (one value, no interval)"
+    # Two values: mean 0.5, sd(ddof=1) 0.1 * sqrt(2), half-width 12.706 * 0.1 = 1.2706.
+    assert study.percent(study.t_interval([0.4, 0.6])) == "50.00 ± 127.06"
