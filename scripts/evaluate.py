@@ -68,7 +68,14 @@ flags.DEFINE_integer(
     "see, so the size of the query batch changes the accuracy.",
     lower_bound=1,
 )
-flags.DEFINE_enum("split", "vinyals", ["vinyals", "lake"], "Omniglot class split.")
+flags.DEFINE_enum(
+    "split",
+    None,
+    ["vinyals", "lake"],
+    "Omniglot class split (default: a shipped model's own, else vinyals). Another split than a "
+    "shipped model's own is refused when its --subset classes include classes that model "
+    "was meta-trained or validated on.",
+)
 flags.DEFINE_enum("subset", "test", ["train", "val", "test"], "Which classes.")
 flags.DEFINE_string("data_dir", None, "Omniglot .npz (default: the shipped copy).")
 flags.DEFINE_integer("seed", 2, "Episode seed (train.py tests with seed + 2).")
@@ -85,7 +92,7 @@ class EvalConfig:
     inner_loop: str | None = None
     shots: int = 1
     queries: int | None = None  # None: as many as shots.
-    split: str = "vinyals"
+    split: str | None = None  # None: the shipped model's split, else "vinyals".
     subset: str = "test"
     data_dir: str | None = None
     seed: int = 2
@@ -104,6 +111,36 @@ def model_file(model: str) -> pathlib.Path:
         return tf_imaml.pretrained.path(model)
     shipped = ", ".join(tf_imaml.pretrained.names())
     raise ValueError(f"--model {model} is not a file nor a shipped model ({shipped})")
+
+
+def class_split(config: EvalConfig) -> str:
+    """The Omniglot split to score `config.model` on: `--split`, else a shipped model's own.
+
+    Raises:
+      ValueError: If `--split` is another split than the shipped model was meta-trained on
+        and its `--subset` classes include classes of that training (its training and
+        validation classes): the score would not be a held-out one.
+    """
+    shipped = tf_imaml.pretrained.MODELS.get(config.model)
+    if shipped is None or pathlib.Path(config.model).is_file():
+        return config.split or "vinyals"
+    if config.split in (None, shipped.split):
+        return shipped.split
+
+    def classes(subset, split):
+        data = tf_imaml.datasets.load_omniglot(subset, split=split, path=config.data_dir)
+        return set(data.class_names)
+
+    seen = classes("train", shipped.split) | classes("val", shipped.split)
+    overlap = classes(config.subset, config.split) & seen
+    if overlap:
+        raise ValueError(
+            f"--split={config.split}: {len(overlap)} of the {config.subset} classes of that split "
+            f"are classes the shipped model {config.model} was meta-trained or validated on "
+            f"(it was trained on the {shipped.split} split); use --split={shipped.split} (or "
+            "leave --split out)"
+        )
+    return config.split
 
 
 class AdaptationFlagError(ValueError):
@@ -142,8 +179,9 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
     ways = int(meta.learner.outputs[0].shape[-1])
     size = int(meta.learner.inputs[0].shape[1])
     queries = config.shots if config.queries is None else config.queries
+    split = class_split(config)
     data = tf_imaml.datasets.load_omniglot(
-        config.subset, split=config.split, image_size=size, path=config.data_dir
+        config.subset, split=split, image_size=size, path=config.data_dir
     )
     batch = 20
     episodes = tf_imaml.episodes.few_shot_episodes(
@@ -165,6 +203,7 @@ def evaluate(config: EvalConfig, *, verbose: int = 1) -> dict:
         "tasks": accuracy.num_tasks,
         "non_finite_tasks": accuracy.non_finite,
         "ways": ways,
+        "split": split,
         "queries": queries,
         "inner_steps": meta.inner_steps,
         "inner_learning_rate": float(meta.inner_learning_rate),
@@ -181,6 +220,7 @@ def main(argv):
     config = common.config_from_flags(argv, EvalConfig)
     try:
         model_file(config.model)
+        class_split(config)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     # A progress bar redrawn in place only makes sense on a terminal; a log gets one line.
@@ -191,7 +231,7 @@ def main(argv):
     print(
         f"{pathlib.Path(config.model).name}: Omniglot {result['ways']}-way {config.shots}-shot "
         f"{config.subset} accuracy {100 * result['accuracy']:.2f} +- "
-        f"{100 * result['ci95']:.2f}% over {result['tasks']} tasks "
+        f"{100 * result['ci95']:.2f}% over {result['tasks']} tasks of the {result['split']} split "
         f"({result['queries']} {'query' if result['queries'] == 1 else 'queries'} per class, "
         f"{result['inner_steps']} inner steps)"
     )

@@ -19,13 +19,14 @@ def test_shipped_model_is_far_above_chance(tmp_path, run_script):
     proc = run_script("evaluate.py", "--tasks=40", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(
-        r"5-way 1-shot test accuracy \d+\.\d+ \+- \d+\.\d+% over 40 tasks", proc.stdout
+        r"5-way 1-shot test accuracy \d+\.\d+ \+- \d+\.\d+% over 40 tasks of the vinyals split",
+        proc.stdout,
     ), proc.stdout
     # Not a terminal: one progress line, not a bar redrawn in place for every batch.
     assert "\x08" not in proc.stdout and "\r" not in proc.stdout, proc.stdout[:500]
     result = json.loads(out.read_text())
     # Chance is 20% for 5 ways; a meta-trained model is far above it on unseen characters.
-    assert result["accuracy"] > 0.7 and result["tasks"] == 40
+    assert result["accuracy"] > 0.7 and result["tasks"] == 40 and result["split"] == "vinyals"
     assert result["queries"] == 1 and "(1 query per class, 16 inner steps)" in proc.stdout
     assert result["non_finite_tasks"] == 0 and "WARNING" not in proc.stdout
 
@@ -57,12 +58,17 @@ def test_missing_model_is_a_clear_error(tmp_path, run_script):
     assert "omniglot_5way_1shot" in proc.stderr
 
 
-def test_model_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
+def _load_evaluate(monkeypatch):
     spec = importlib.util.spec_from_file_location("evaluate", ROOT / "scripts" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, evaluate)  # dataclasses look it up there
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when run: its folder is on the path
     spec.loader.exec_module(evaluate)
+    return evaluate
+
+
+def test_model_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
+    evaluate = _load_evaluate(monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert evaluate.model_file("omniglot_5way_1shot").samefile(PRETRAINED)
     assert evaluate.model_file(str(PRETRAINED)) == PRETRAINED
@@ -119,3 +125,36 @@ def test_adaptation_flags_the_model_cannot_take_are_clear_errors(tmp_path, run_s
         proc = run_script("evaluate.py", f"--model={tmp_path / 'maml.keras'}", flag, timeout=300)
         assert proc.returncode != 0 and message in proc.stderr, (flag, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_shipped_model_is_scored_on_its_own_split_by_default(tmp_path, monkeypatch):
+    evaluate = _load_evaluate(monkeypatch)
+    split = lambda **kw: evaluate.class_split(evaluate.EvalConfig(**kw))  # noqa: E731
+    assert split(model="omniglot_20way_1shot_lake") == "lake"
+    assert split(model="omniglot_5way_1shot") == "vinyals"
+    # A file is not a shipped model: --split as given, vinyals by default.
+    model = tmp_path / "omniglot_20way_1shot_lake"
+    model.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert split(model="omniglot_20way_1shot_lake") == "vinyals"
+    assert split(model="omniglot_20way_1shot_lake", split="lake") == "lake"
+
+
+def test_another_split_is_refused_when_its_classes_were_seen_in_training(monkeypatch):
+    evaluate = _load_evaluate(monkeypatch)
+    split = lambda **kw: evaluate.class_split(evaluate.EvalConfig(**kw))  # noqa: E731
+    # Oracle: the class names of the two splits (tests/test_datasets.py). The Vinyals test
+    # characters all belong to the Lake evaluation alphabets, so the Lake model may be scored
+    # on them; 236 of the 659 Lake test characters are Vinyals training or validation ones.
+    from tf_imaml.datasets import load_omniglot
+
+    names = lambda subset, s: set(load_omniglot(subset, split=s).class_names)  # noqa: E731
+    seen = names("train", "vinyals") | names("val", "vinyals")
+    overlap = len(names("test", "lake") & seen)
+    assert not names("test", "vinyals") & (names("train", "lake") | names("val", "lake"))
+    assert split(model="omniglot_20way_1shot_lake", split="vinyals") == "vinyals"
+    with pytest.raises(ValueError, match=rf"--split=lake: {overlap} of the test classes .* "
+                       r"omniglot_5way_1shot was meta-trained or validated on"):
+        split(model="omniglot_5way_1shot", split="lake")
+    assert overlap == 236
+
