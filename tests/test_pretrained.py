@@ -18,8 +18,8 @@ NAME = "omniglot_5way_1shot"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def predict_episode(meta) -> dict:
-    """Adapts `meta` to 8 Omniglot test tasks; returns what the tests check, JSON-ready.
+def predict_episode(meta, split: str = "vinyals") -> dict:
+    """Adapts `meta` to 8 Omniglot test tasks of `split`; returns what the tests check.
 
     Self-contained (imports inside): the wheel test runs its source in a subprocess.
     """
@@ -29,7 +29,7 @@ def predict_episode(meta) -> dict:
 
     size = int(meta.learner.inputs[0].shape[1])
     ways = int(meta.learner.outputs[0].shape[-1])
-    data = tf_imaml.datasets.load_omniglot("test", image_size=size)
+    data = tf_imaml.datasets.load_omniglot("test", split=split, image_size=size)
     episodes = tf_imaml.episodes.few_shot_episodes(
         data.images,
         data.labels,
@@ -51,15 +51,24 @@ def predict_episode(meta) -> dict:
     }
 
 
-def _check_episode(result: dict):
-    ways = result["ways"]
-    assert ways == 5
+# Per shipped model: its ways and class split, and the accuracy on predict_episode's 8 fixed
+# tasks above which it must score. Oracle: results.json (the 5-way model, and every 5-way model
+# shipped before it, scored at least 78.89% over 600 test tasks; the 20-way model 84.38% on
+# 600 Lake test tasks, 1 query per class). On the same 8 tasks a random initialisation of
+# `conv4_classifier(ways)` in the same model, adapted the same way, scores 28-32% for 5 ways and
+# 17-20% for 20 (seeds 0, 1, 2); each threshold separates the two with room for float
+# round-off between machines.
+EXPECTED = {
+    "omniglot_5way_1shot": (5, "vinyals", 0.6),
+    "omniglot_20way_1shot_lake": (20, "lake", 0.5),
+}
+
+
+def _check_episode(result: dict, name: str = NAME):
+    ways, _, threshold = EXPECTED[name]
+    assert result["ways"] == ways
     assert result["logits_shape"] == [8, 5 * ways, ways] and result["finite"]
-    # Oracle: results.json (every model shipped so far scored at least 78.89% over 600 test
-    # tasks; chance: 20%). On these 8 fixed-seed tasks a random `conv4_classifier(5)`
-    # initialisation in the same model, adapted the same way, scores 28-32% (seeds 0, 1, 2).
-    # 60% separates the two with room for float round-off between machines.
-    assert result["accuracy"] > 0.6, result
+    assert result["accuracy"] > threshold, result
 
 
 def test_names_are_the_registry_sorted():
@@ -99,15 +108,22 @@ def test_shipped_5way_results_are_what_evaluate_prints_by_default():
     "fn", [pretrained.path, pretrained.load, pretrained.results], ids=["path", "load", "results"]
 )
 def test_unknown_name_raises_and_lists_the_names(fn):
-    with pytest.raises(ValueError, match=r"'omniglot_5way'; available: omniglot_5way_1shot"):
+    with pytest.raises(
+        ValueError, match=r"'omniglot_5way'; available: omniglot_20way_1shot_lake, omniglot_5way_1shot"
+    ):
         fn("omniglot_5way")
 
 
+def test_every_registered_model_has_its_expectations():
+    assert set(EXPECTED) == set(pretrained.names())
+
+
 @pytest.mark.slow
-def test_loaded_model_predicts_an_omniglot_episode():
-    meta = pretrained.load(NAME)
+@pytest.mark.parametrize("name", pretrained.names())
+def test_loaded_model_predicts_an_omniglot_episode(name):
+    meta = pretrained.load(name)
     assert isinstance(meta, tf_imaml.ImplicitMAML)
-    _check_episode(predict_episode(meta))
+    _check_episode(predict_episode(meta, split=EXPECTED[name][1]), name)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Meta-learners shipped with the package, loaded by name.
 
 ```python
-tf_imaml.pretrained.names()                       # ['omniglot_5way_1shot']
+tf_imaml.pretrained.names()  # ['omniglot_20way_1shot_lake', 'omniglot_5way_1shot']
 meta = tf_imaml.pretrained.load("omniglot_5way_1shot")
 logits = meta.predict_on_batch((support_x, support_y, query_x))
 tf_imaml.pretrained.results("omniglot_5way_1shot")["test_accuracy"]  # as evaluate.py scores it
@@ -31,6 +31,7 @@ class ShippedModel(NamedTuple):
 
     file: str  # File name in `tf_imaml/pretrained/`.
     description: str  # Dataset, ways, shots, class split and algorithm; scores: `results`.
+    split: str = "vinyals"  # The Omniglot class split it was meta-trained on and is tested on.
 
 
 # The registry: one line per shipped model, name -> file and description. Scores live in the
@@ -38,6 +39,7 @@ class ShippedModel(NamedTuple):
 # fmt: off
 MODELS = {
     "omniglot_5way_1shot": ShippedModel("omniglot_5way_1shot.keras", "Omniglot, 5-way 1-shot, Vinyals split (iMAML, the authors' system)"),
+    "omniglot_20way_1shot_lake": ShippedModel("omniglot_20way_1shot_lake.keras", "Omniglot, 20-way 1-shot, Lake split: meta-trained on the background alphabets only (iMAML, the authors' system)", split="lake"),
 }
 # fmt: on
 
