@@ -153,8 +153,10 @@ def test_another_split_is_refused_when_its_classes_were_seen_in_training(monkeyp
     overlap = len(names("test", "lake") & seen)
     assert not names("test", "vinyals") & (names("train", "lake") | names("val", "lake"))
     assert split(model="omniglot_20way_1shot_lake", split="vinyals") == "vinyals"
-    with pytest.raises(ValueError, match=rf"--split=lake: {overlap} of the test classes .* "
-                       r"omniglot_5way_1shot was meta-trained or validated on"):
+    with pytest.raises(
+        ValueError,
+        match=rf"--split=lake: {overlap} of the test classes .* "
+        r"omniglot_5way_1shot was meta-trained or validated on",
+    ):
         split(model="omniglot_5way_1shot", split="lake")
     assert overlap == 236
-

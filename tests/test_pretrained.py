@@ -109,7 +109,8 @@ def test_shipped_5way_results_are_what_evaluate_prints_by_default():
 )
 def test_unknown_name_raises_and_lists_the_names(fn):
     with pytest.raises(
-        ValueError, match=r"'omniglot_5way'; available: omniglot_20way_1shot_lake, omniglot_5way_1shot"
+        ValueError,
+        match=r"'omniglot_5way'; available: omniglot_20way_1shot_lake, omniglot_5way_1shot",
     ):
         fn("omniglot_5way")
 

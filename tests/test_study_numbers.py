@@ -2111,4 +2111,3 @@ def test_study7_five_seeds_progress():
     )
     assert config["eval_lams"] == [0.0, 0.5] and config["test_tasks"] == 600
     assert min(record["failed_fraction"]) == 1.0  # "100% of its solves failed in every epoch"
-
