@@ -2087,27 +2087,50 @@ def test_study7_five_seeds_progress():
     text = _section(7)
     config = MI5["config"]
     runs = len(config["algorithms"]) * len(config["seeds"])
-    done = MI5["records"]
-    assert (len(done), runs) == (1, 20)  # "one run of twenty done"
-    (record,) = done
-    assert (record["algorithm"], record["seed"]) == ("imaml", 0)
-    train, test = record["train_seconds"] / 60, record["test_seconds"] / 60
-    _check(
-        text,
-        "One run costs about {} minutes of training and {}\nof testing",
-        train,
-        test,
-    )
+    assert (len(MI5["records"]), runs) == (2, 20)  # "two runs of twenty done"
+    paper, authors = (_record(MI5, a) for a in ("imaml", "imaml_authors"))
+    assert paper["seed"] == authors["seed"] == 0
+    train, test = paper["train_seconds"] / 60, paper["test_seconds"] / 60
+    _check(text, "The first run cost {} minutes of training and {}\nof testing", train, test)
     _check(text, "the 20\nruns are some {} hours", runs * (train + test) / 60)
-    accuracy = record["accuracy"]
     _check(
         text,
-        "seed 0, {} +- {}% on the 600 shared test tasks ({}% adapted by plain GD,\n{}% by "
+        "27.01 +- 0.55% on the 600 shared test tasks ({}% adapted by\n  plain GD, {}% by "
         "proximal GD at lam 0.5)",
-        _pct(record["test_accuracy"]),
-        _pct(record["test_ci95"]),
-        _pct(accuracy["lam=0"]),
-        _pct(accuracy["lam=0.5"]),
+        _pct(paper["accuracy"]["lam=0"]),
+        _pct(paper["accuracy"]["lam=0.5"]),
+    )
+    _check(
+        text,
+        "iMAML-GD (the paper's system): {} +- {}% on",
+        _pct(paper["test_accuracy"]),
+        _pct(paper["test_ci95"]),
     )
     assert config["eval_lams"] == [0.0, 0.5] and config["test_tasks"] == 600
-    assert min(record["failed_fraction"]) == 1.0  # "100% of its solves failed in every epoch"
+    assert min(paper["failed_fraction"]) == 1.0  # "100% of its solves failed in every epoch"
+    _check(
+        text,
+        "- The authors' system: {} +- {}% (its own adaptation is plain GD; {}% by proximal GD at\n"
+        "  lam 0.5); {} to {}% of its solves failed per epoch.",
+        _pct(authors["test_accuracy"]),
+        _pct(authors["test_ci95"]),
+        _pct(authors["accuracy"]["lam=0.5"]),
+        _pct(min(authors["failed_fraction"])),
+        _pct(max(authors["failed_fraction"])),
+    )
+    assert authors["per_task"]["own"] == authors["per_task"]["lam=0"]  # own = plain GD
+    (pair,) = [
+        c
+        for c in MI5["comparisons"]
+        if c["arm"] == "imaml" and c["against"] == "imaml_authors" and c["adaptation"] == "own"
+    ]
+    test = pair["per_task"]
+    _check(
+        text,
+        "tasks, {} +- {} points for the paper's (paired t-test p = {}; {} tasks won, {}\n  lost)",
+        _pct(test["mean_difference"]),
+        _pct(test["half_width"]),
+        test["t_pvalue"],
+        test["wins"],
+        test["losses"],
+    )
